@@ -1,0 +1,31 @@
+"""AdamW with linear warm-up and cosine decay (MAE / MoCo v3 recipe)."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def lr_schedule(config, total_steps: int) -> optax.Schedule:
+  """Base lr scaled by global batch / 256, linear warm-up, cosine decay to `min_lr`."""
+  o = config.optim
+  peak = o.base_lr * config.batch_size / 256
+  warmup = min(o.warmup_steps, total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=o.min_lr)
+
+
+def decay_mask(params):
+  """Weight decay on matmul kernels only: not on biases, norms, position embeddings or tokens."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  o = config.optim
+  schedule = lr_schedule(config, total_steps)
+  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  if o.grad_clip:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  return tx, schedule

@@ -1,0 +1,303 @@
+"""The config schema, the method presets and the checks that run before anything compiles.
+
+Every config file in configs/ starts from `base_config()`, sets its dataset fields and calls
+`apply_method(config, method)`. `validate(config, num_devices)` is called by the train program (and
+the benchmark) before the model is built, so that a bad value fails with a message naming the field
+instead of a shape error from inside XLA.
+
+Fields marked "ours" are choices the MACRL/MimCo abstracts leave open (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ('macrl', 'mae', 'mocov3', 'mimco')
+
+# ViT variants (Dosovitskiy et al.; Ti/S from DeiT): width, depth, heads, mlp_dim.
+VIT_SIZES = {
+    'mu': (64, 4, 2, 256),  # tiny test/debug size, not a published variant
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+}
+
+
+def strong_aug() -> ml_collections.ConfigDict:
+  """MoCo v3 / BYOL-style strong corruption (view 1 of macrl, both views of mocov3)."""
+  return ml_collections.ConfigDict(dict(
+      crop_scale=(0.2, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      flip=True,
+      color_jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.2,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_prob=1.0,
+      blur_sigma=(0.1, 2.0),  # in pixels at 224 px; scaled with the image size
+      solarize_prob=0.2,
+  ))
+
+
+def weak_aug() -> ml_collections.ConfigDict:
+  """MAE-style weak corruption: crop and flip only (view 2 of macrl, the single mae view)."""
+  aug = strong_aug()
+  aug.crop_scale = (0.5, 1.0)
+  aug.color_jitter_prob = 0.0
+  aug.grayscale_prob = 0.0
+  aug.blur_prob = 0.0
+  aug.solarize_prob = 0.0
+  return aug
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with macrl defaults; dataset configs override the data and size fields."""
+  c = ml_collections.ConfigDict()
+  c.method = 'macrl'
+  c.seed = 0
+
+  # Data (SPEC §4).
+  c.dataset = 'digits'
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir; None = default
+  c.manual_dir = ml_collections.FieldReference(None, field_type=str)  # for manual downloads
+  c.train_split = 'train'
+  c.test_split = 'test'
+  c.num_classes = 10
+  c.image_size = 16
+  c.shuffle_buffer = 10_000
+  c.num_views = 2
+  c.aug = ml_collections.ConfigDict(dict(view1=strong_aug(), view2=weak_aug()))
+  c.data = ml_collections.ConfigDict(dict(
+      # Storage format when preparing: 'tfrecord' (held in memory when read) or 'array_record'
+      # (read from disk by index); None = the dataset's default (array_record for imagenet100).
+      file_format=ml_collections.FieldReference(None, field_type=str),
+      # Evaluation: resize the shorter side to image_size / eval_crop_fraction, then center crop
+      # (1.0 for the low-resolution datasets; 0.875 is the usual ImageNet value).
+      eval_crop_fraction=1.0,
+  ))
+
+  # Model.
+  c.model = ml_collections.ConfigDict(dict(
+      variant='Ti/4',  # "<size>/<patch>", size in VIT_SIZES
+      # Explicit overrides of the variant's dims (None = the variant's value).
+      width=ml_collections.FieldReference(None, field_type=int),
+      depth=ml_collections.FieldReference(None, field_type=int),
+      num_heads=ml_collections.FieldReference(None, field_type=int),
+      mlp_dim=ml_collections.FieldReference(None, field_type=int),
+      drop_path=0.0,
+      pool='cls',  # 'cls' | 'mean' (ours)
+      remat=False,
+      decoder_width=128,
+      decoder_depth=2,
+      decoder_heads=4,
+      proj_hidden=1024,
+      proj_dim=256,
+      pred_hidden=1024,
+  ))
+  c.dtype = 'float32'  # matmul dtype; parameters stay float32
+
+  # Method fields (SPEC §1).
+  c.mask_ratio_strong = 0.75  # view 1
+  c.mask_ratio_weak = 0.25  # view 2 (ours)
+  c.key_mask = 'none'  # 'none' | 'same' (ours)
+  c.lambda_con = 1.0  # (ours)
+  c.lambda_rec = 1.0  # (ours)
+  c.temperature = 0.2
+  c.rec_loss = 'l1'  # 'l1' | 'l2'
+  c.norm_pix_loss = True
+  c.queue_size = 0  # memory bank of past keys; 0 = batch negatives only (ours)
+  c.momentum_base = 0.99
+
+  # Optimisation.
+  c.batch_size = 256  # global
+  c.total_steps = 1000
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4,  # scaled by batch_size / 256
+      min_lr=0.0,
+      warmup_steps=100,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.95,
+      grad_clip=ml_collections.FieldReference(None, field_type=float),
+  ))
+
+  c.sharding = ml_collections.ConfigDict(dict(fsdp=False))
+
+  # Program (issue 4 fills these in train.py).
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, eval_batch_size=256))
+  return c
+
+
+def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """Sets the fields that make `method` what SPEC §1 says it is. Mutates and returns `c`."""
+  if method not in METHODS:
+    raise ValueError(f'config.method: unknown method {method!r}; known: {", ".join(METHODS)}')
+  c.method = method
+  if method == 'macrl':
+    c.num_views = 2
+    c.aug.view1, c.aug.view2 = strong_aug(), weak_aug()
+  elif method == 'mae':
+    # One weakly augmented view, masked 75 %, reconstruction only.
+    c.num_views = 1
+    c.aug.view1 = weak_aug()
+    c.mask_ratio_strong = 0.75
+    c.lambda_con = 0.0
+    c.lambda_rec = 1.0
+    c.queue_size = 0
+  elif method == 'mocov3':
+    # Two strong views, no masking, contrastive only.
+    c.num_views = 2
+    c.aug.view1, c.aug.view2 = strong_aug(), strong_aug()
+    c.mask_ratio_strong = 0.0
+    c.mask_ratio_weak = 0.0
+    c.lambda_con = 1.0
+    c.lambda_rec = 0.0
+  elif method == 'mimco':
+    c.num_views = 1
+    c.aug.view1 = weak_aug()
+    c.mask_ratio_strong = 0.75
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """Parses the `:key=value,key=value` suffix of `--config=configs/x.py:...`."""
+  out = {}
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    if '=' not in item:
+      raise ValueError(f'config argument {item!r} must look like key=value (e.g. method=mae)')
+    key, value = item.split('=', 1)
+    out[key.strip()] = value.strip()
+  return out
+
+
+def vit_dims(model_cfg) -> dict:
+  """Resolves `model.variant` ("S/4") and the explicit overrides into the ViT's dims."""
+  variant = model_cfg.variant
+  try:
+    size, patch = variant.split('/')
+    width, depth, heads, mlp = VIT_SIZES[size]
+    patch = int(patch)
+  except (ValueError, KeyError):
+    raise ValueError(
+        f'config.model.variant: unknown variant {variant!r}; expected "<size>/<patch>" with size in '
+        f'{sorted(VIT_SIZES)} (e.g. "S/4", "B/16")') from None
+  dims = dict(patch_size=patch, width=width, depth=depth, num_heads=heads, mlp_dim=mlp)
+  for k in ('width', 'depth', 'num_heads', 'mlp_dim'):
+    if model_cfg.get(k) is not None:
+      dims[k] = int(model_cfg[k])
+  return dims
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+  """Visible tokens per example: round(N · (1 − ratio))."""
+  return int(round(num_patches * (1.0 - mask_ratio)))
+
+
+def uses_contrastive(c) -> bool:
+  return c.method in ('macrl', 'mocov3') and c.lambda_con > 0
+
+
+def uses_reconstruction(c) -> bool:
+  return c.method in ('macrl', 'mae') and c.lambda_rec > 0
+
+
+def view_mask_ratios(c) -> list[float]:
+  return [c.mask_ratio_strong, c.mask_ratio_weak][:c.num_views]
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the offending field; runs before any compilation."""
+
+  def fail(field, msg):
+    raise ValueError(f'config.{field}: {msg}')
+
+  if c.method not in METHODS:
+    fail('method', f'unknown method {c.method!r}; known: {", ".join(METHODS)}')
+  dims = vit_dims(c.model)
+  p = dims['patch_size']
+  if c.image_size <= 0 or c.image_size % p:
+    fail('image_size', f'{c.image_size} is not divisible by the patch size {p} of variant '
+         f'{c.model.variant!r}; pick an image size that is a multiple of {p} or another patch size')
+  if dims['width'] % dims['num_heads']:
+    fail('model.width', f'{dims["width"]} is not divisible by num_heads={dims["num_heads"]}')
+  if c.model.decoder_width % c.model.decoder_heads:
+    fail('model.decoder_width',
+         f'{c.model.decoder_width} is not divisible by decoder_heads={c.model.decoder_heads}')
+  if c.model.pool not in ('cls', 'mean'):
+    fail('model.pool', f'{c.model.pool!r} is not one of "cls", "mean"')
+  if c.key_mask not in ('none', 'same'):
+    fail('key_mask', f'{c.key_mask!r} is not one of "none", "same"')
+  if c.rec_loss not in ('l1', 'l2'):
+    fail('rec_loss', f'{c.rec_loss!r} is not one of "l1", "l2"')
+  if c.dtype not in ('float32', 'bfloat16', 'float16'):
+    fail('dtype', f'{c.dtype!r} is not one of float32, bfloat16, float16')
+  if c.num_views not in (1, 2):
+    fail('num_views', f'{c.num_views} must be 1 or 2')
+
+  num_patches = (c.image_size // p) ** 2
+  for field in ('mask_ratio_strong', 'mask_ratio_weak')[:c.num_views]:
+    r = c[field]
+    if not 0.0 <= r < 1.0:
+      fail(field, f'{r} is outside [0, 1)')
+    if num_visible(num_patches, r) < 1:
+      fail(field, f'{r} leaves no visible patch of the {num_patches} patches; lower it')
+
+  if uses_reconstruction(c) and not any(view_mask_ratios(c)):
+    fail('mask_ratio_strong', f'method={c.method} reconstructs masked patches, but no view is masked')
+
+  if c.lambda_con < 0 or c.lambda_rec < 0:
+    fail('lambda_con', f'loss weights must be >= 0 (lambda_con={c.lambda_con}, '
+         f'lambda_rec={c.lambda_rec})')
+  if c.method in ('macrl', 'mae', 'mocov3') and c.lambda_con == 0 and c.lambda_rec == 0:
+    fail('lambda_con', 'both loss weights (lambda_con, lambda_rec) are zero: nothing to train')
+
+  # Consistency of the presets: the fields a method fixes must not be overridden into another method.
+  if c.method == 'mae':
+    if c.lambda_con != 0:
+      fail('lambda_con', f'method=mae is reconstruction-only; lambda_con must be 0 (got {c.lambda_con}).'
+           ' Use method=macrl for both losses')
+    if c.num_views != 1:
+      fail('num_views', f'method=mae uses one view (got {c.num_views})')
+    if c.queue_size:
+      fail('queue_size', 'method=mae has no contrastive branch; queue_size must be 0')
+  if c.method == 'mocov3':
+    if c.lambda_rec != 0:
+      fail('lambda_rec', f'method=mocov3 is contrastive-only; lambda_rec must be 0 (got {c.lambda_rec}).'
+           ' Use method=macrl for both losses')
+    for field in ('mask_ratio_strong', 'mask_ratio_weak'):
+      if c[field] != 0:
+        fail(field, f'method=mocov3 sees unmasked views; {field} must be 0 (got {c[field]})')
+  if c.method in ('macrl', 'mocov3') and c.num_views != 2:
+    fail('num_views', f'method={c.method} needs two views (got {c.num_views})')
+  if c.method == 'macrl' and (c.lambda_con == 0 or c.lambda_rec == 0):
+    fail('lambda_con' if c.lambda_con == 0 else 'lambda_rec',
+         'method=macrl trains both losses; use method=mae or method=mocov3 for one of them')
+
+  if c.temperature <= 0:
+    fail('temperature', f'{c.temperature} must be > 0')
+  if not 0.0 <= c.momentum_base <= 1.0:
+    fail('momentum_base', f'{c.momentum_base} is outside [0, 1]')
+  if c.queue_size < 0:
+    fail('queue_size', f'{c.queue_size} must be >= 0')
+  if c.queue_size and c.queue_size < c.num_views * c.batch_size:
+    fail('queue_size', f'{c.queue_size} is smaller than the keys enqueued per step '
+         f'({c.num_views} views × batch_size {c.batch_size}); use 0 or at least that')
+  if c.batch_size <= 0:
+    fail('batch_size', f'{c.batch_size} must be > 0')
+  if num_devices is not None and c.batch_size % num_devices:
+    fail('batch_size', f'global batch {c.batch_size} is not divisible by the {num_devices} devices; '
+         f'use a multiple of {num_devices}')
+  if c.total_steps <= 0:
+    fail('total_steps', f'{c.total_steps} must be > 0')
+  if c.optim.warmup_steps < 0 or c.optim.warmup_steps > c.total_steps:
+    fail('optim.warmup_steps', f'{c.optim.warmup_steps} must be in [0, total_steps={c.total_steps}]')

@@ -1,0 +1,166 @@
+"""The train state and the one jitted step of macrl, mae and mocov3 (SPEC §1).
+
+The state is a plain dict:
+  step            int32 scalar
+  params          online networks {'encoder', 'decoder'?, 'projector'?, 'predictor'?}
+  batch_stats     BatchNorm statistics of the online heads
+  opt_state       optax state of `params`
+  rng             the run's key; step s uses fold_in(rng, s)
+  ema_params      momentum networks {'encoder', 'projector'} (contrastive methods only)
+  ema_batch_stats BatchNorm statistics of the momentum projector
+  queue, queue_ptr  memory bank of past keys (only when queue_size > 0)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from macrl_jax import losses, models, optim, presets, sharding
+
+State = dict[str, Any]
+
+
+def momentum_at(step, total_steps: int, base: float):
+  """Cosine schedule of the EMA coefficient from `base` at step 0 to 1 at the last step (BYOL)."""
+  frac = jnp.minimum(step / max(total_steps, 1), 1.0)
+  return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
+
+
+def init_state(config, modules: models.Modules, tx: optax.GradientTransformation,
+               rng: jax.Array) -> State:
+  init_rng, run_rng, queue_rng = jax.random.split(rng, 3)
+  variables = models.init_variables(modules, config, init_rng)
+  params = variables['params']
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=variables['batch_stats'], opt_state=tx.init(params), rng=run_rng)
+  if presets.uses_contrastive(config):
+    # The momentum networks start as exact copies of the online ones (MoCo).
+    state['ema_params'] = {k: params[k] for k in ('encoder', 'projector')}
+    state['ema_batch_stats'] = {'projector': variables['batch_stats']['projector']}
+    if config.queue_size:
+      queue = jax.random.normal(queue_rng, (config.queue_size, config.model.proj_dim))
+      state['queue'] = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
+      state['queue_ptr'] = jnp.zeros((), jnp.int32)
+  return state
+
+
+def make_train_step(config, modules: models.Modules, tx: optax.GradientTransformation,
+                    lr_fn: optax.Schedule, total_steps: int) -> Callable[[State, dict], tuple]:
+  """Returns train_step(state, batch) -> (state, metrics); pure, to be jitted by `compile_step`."""
+  enc, dec, proj, pred = modules
+  patch = enc.patch_size
+  num_patches = (config.image_size // patch) ** 2
+  ratios = presets.view_mask_ratios(config)
+  rec, con = presets.uses_reconstruction(config), presets.uses_contrastive(config)
+
+  def heads(params, batch_stats, feats):
+    """Online projector + predictor; returns q and the heads' updated BatchNorm statistics."""
+    h, up = proj.apply({'params': params['projector'], 'batch_stats': batch_stats['projector']},
+                       feats, mutable=['batch_stats'])
+    q, up2 = pred.apply({'params': params['predictor'], 'batch_stats': batch_stats['predictor']},
+                        h, mutable=['batch_stats'])
+    return q, {'projector': up['batch_stats'], 'predictor': up2['batch_stats']}
+
+  def momentum_keys(state, views, masks):
+    """k_i = P'(pool(E'(x_i))): the momentum branch, outside the gradient."""
+    ema, ema_stats, keys = state['ema_params'], state['ema_batch_stats'], []
+    for x, mask in zip(views, masks):
+      ids = mask.ids_keep if (config.key_mask == 'same' and mask is not None) else None
+      z = enc.apply({'params': ema['encoder']}, x, ids)
+      k, up = proj.apply({'params': ema['projector'], 'batch_stats': ema_stats['projector']},
+                         models.pool(z, config.model.pool), mutable=['batch_stats'])
+      ema_stats = {'projector': up['batch_stats']}
+      keys.append(jax.lax.stop_gradient(k))
+    return keys, ema_stats
+
+  def loss_fn(params, state, views, masks, keys, rng):
+    batch_stats, terms, rec_losses, qs = state['batch_stats'], {}, [], []
+    for v, (x, mask) in enumerate(zip(views, masks)):
+      z = enc.apply({'params': params['encoder']}, x, None if mask is None else mask.ids_keep,
+                    train=True, rngs={'dropout': jax.random.fold_in(rng, 100 + v)})
+      if rec and mask is not None:
+        recon = dec.apply({'params': params['decoder']}, z, mask.ids_restore)
+        rec_losses.append(losses.reconstruction_loss(
+            recon, models.patchify(x, patch), mask.mask, norm_pix=config.norm_pix_loss,
+            kind=config.rec_loss))
+      if con:
+        q, batch_stats = heads(params, batch_stats, models.pool(z, config.model.pool))
+        qs.append(q)
+    total = 0.0
+    if rec:
+      terms['loss_rec'] = sum(rec_losses) / len(rec_losses)
+      total += config.lambda_rec * terms['loss_rec']
+    if con:
+      queue = state.get('queue')
+      l12, a12 = losses.infonce(qs[0], keys[1], config.temperature, queue)
+      l21, a21 = losses.infonce(qs[1], keys[0], config.temperature, queue)
+      terms['loss_con'], terms['con_acc'] = l12 + l21, (a12 + a21) / 2
+      total += config.lambda_con * terms['loss_con']
+    terms['loss'] = total
+    return total, (terms, batch_stats)
+
+  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    step = state['step']
+    rng = jax.random.fold_in(state['rng'], step)
+    views = [batch['view1'], batch.get('view2')][:config.num_views]
+    size = views[0].shape[0]
+    # One random mask per view and per image.
+    masks = [models.random_masking(jax.random.fold_in(rng, v), size, num_patches, r) if r > 0
+             else None for v, r in enumerate(ratios)]
+    m = momentum_at(step, total_steps, config.momentum_base)
+
+    keys = ema_stats = None
+    if con:
+      keys, ema_stats = momentum_keys(state, views, masks)
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grads, (terms, batch_stats) = grad_fn(state['params'], state, views, masks, keys, rng)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+
+    new = dict(state, step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if con:
+      online = {k: params[k] for k in state['ema_params']}
+      new['ema_params'] = jax.tree.map(lambda e, o: m * e + (1.0 - m) * o,
+                                       state['ema_params'], online)
+      new['ema_batch_stats'] = ema_stats
+      if 'queue' in state:
+        new['queue'], new['queue_ptr'] = losses.enqueue(
+            state['queue'], state['queue_ptr'], jnp.concatenate(keys))
+
+    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), lr=lr_fn(step), momentum=m)
+    return new, metrics
+
+  return train_step
+
+
+class Trainer:
+  """Builds the modules, optimizer and the jitted init/step for a config on a mesh.
+
+  A thin holder, so that train.py, the benchmark and the tests share one construction path.
+  """
+
+  def __init__(self, config, mesh: jax.sharding.Mesh, total_steps: int | None = None):
+    presets.validate(config, num_devices=mesh.size)
+    self.config, self.mesh = config, mesh
+    self.total_steps = total_steps or config.total_steps
+    self.modules = models.make_modules(config)
+    self.tx, self.lr_fn = optim.make_optimizer(config, self.total_steps)
+    init = functools.partial(init_state, config, self.modules, self.tx)
+    self.abstract_state = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    self.state_sharding = sharding.state_shardings(self.abstract_state, mesh, config.sharding.fsdp)
+    self.init = jax.jit(init, out_shardings=self.state_sharding)
+    step = make_train_step(config, self.modules, self.tx, self.lr_fn, self.total_steps)
+    self.step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh)),
+                        out_shardings=(self.state_sharding, sharding.replicated(mesh)),
+                        donate_argnums=(0,))
+
+  def init_state(self, seed: int | None = None) -> State:
+    seed = self.config.seed if seed is None else seed
+    return self.init(jax.random.PRNGKey(seed))

@@ -1,0 +1,116 @@
+"""Masking, patches, position embeddings and the encoder's cost on visible tokens only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from macrl_jax import models, presets
+
+
+@pytest.mark.parametrize('num_patches,ratio', [(16, 0.75), (64, 0.75), (64, 0.25), (49, 0.6), (10, 0.5)])
+def test_masking_keeps_exactly_round_n_visible(num_patches, ratio):
+  m = models.random_masking(jax.random.PRNGKey(0), 32, num_patches, ratio)
+  keep = round(num_patches * (1 - ratio))
+  assert m.ids_keep.shape == (32, keep)
+  np.testing.assert_array_equal(m.mask.sum(axis=1), num_patches - keep)
+  # The visible ids are exactly the unmasked positions, each once.
+  mask = np.asarray(m.mask)
+  for row, ids in zip(mask, np.asarray(m.ids_keep)):
+    assert len(set(ids.tolist())) == keep
+    np.testing.assert_array_equal(np.sort(ids), np.flatnonzero(row == 0))
+
+
+def test_masking_differs_per_example_and_per_view_and_is_deterministic():
+  rng = jax.random.PRNGKey(3)
+  a = models.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
+  b = models.random_masking(jax.random.fold_in(rng, 1), 16, 64, 0.75)
+  again = models.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
+  masks = np.asarray(a.mask)
+  assert len({row.tobytes() for row in masks}) == 16, 'every example should get its own mask'
+  assert not np.array_equal(a.mask, b.mask), 'the two views should get different masks'
+  np.testing.assert_array_equal(a.mask, again.mask)
+  np.testing.assert_array_equal(a.ids_restore, again.ids_restore)
+
+
+def test_ids_restore_unshuffles():
+  m = models.random_masking(jax.random.PRNGKey(1), 4, 16, 0.5)
+  tokens = jnp.arange(16)[None].repeat(4, 0)
+  kept = jnp.take_along_axis(tokens, m.ids_keep, axis=1)
+  rest = jnp.full((4, 8), -1)
+  restored = jnp.take_along_axis(jnp.concatenate([kept, rest], 1), m.ids_restore, axis=1)
+  np.testing.assert_array_equal(np.where(m.mask == 0, restored, -1), np.where(m.mask == 0, tokens, -1))
+
+
+@pytest.mark.parametrize('size,patch', [(16, 4), (32, 8), (8, 2)])
+def test_patchify_unpatchify_identity(size, patch):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 3))
+  p = models.patchify(x, patch)
+  assert p.shape == (3, (size // patch) ** 2, patch * patch * 3)
+  np.testing.assert_array_equal(models.unpatchify(p, patch), x)
+  # Patch k is the k-th block in row-major order.
+  np.testing.assert_array_equal(p[:, 1].reshape(3, patch, patch, 3), x[:, :patch, patch:2 * patch])
+
+
+def _mae_sincos_reference(embed_dim, grid_size):
+  """facebookresearch/mae util/pos_embed.py, transcribed (without the cls row)."""
+  def from_grid(dim, pos):
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.)
+    omega = 1. / 10000 ** omega
+    out = np.einsum('m,d->md', pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+  return np.concatenate([from_grid(embed_dim // 2, grid[0]), from_grid(embed_dim // 2, grid[1])], 1)
+
+
+def test_sincos_matches_mae():
+  np.testing.assert_allclose(models.sincos_2d(64, 7), _mae_sincos_reference(64, 7), atol=1e-6)
+
+
+def _encoder_flops(encoder, params, images, ratio):
+  num_patches = (images.shape[1] // encoder.patch_size) ** 2
+  ids = None
+  if ratio > 0:
+    ids = models.random_masking(jax.random.PRNGKey(0), images.shape[0], num_patches, ratio).ids_keep
+  fn = jax.jit(lambda p, x, i: encoder.apply({'params': p}, x, i))
+  cost = fn.lower(params, images, ids).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops']
+
+
+def test_encoder_flops_fall_with_mask_ratio():
+  encoder = models.Encoder(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256)
+  images = jnp.zeros((4, 32, 32, 3))
+  params = encoder.init(jax.random.PRNGKey(0), images)['params']
+  full, masked = (_encoder_flops(encoder, params, images, r) for r in (0.0, 0.75))
+  assert masked <= 0.35 * full, (masked, full, masked / full)
+
+
+def test_encoder_and_decoder_shapes(make_config):
+  c = make_config('macrl')
+  mods = models.make_modules(c)
+  variables = models.init_variables(mods, c, jax.random.PRNGKey(0))
+  x = jnp.ones((2, 16, 16, 3))
+  m = models.random_masking(jax.random.PRNGKey(1), 2, 16, 0.75)
+  z = mods.encoder.apply({'params': variables['params']['encoder']}, x, m.ids_keep)
+  assert z.shape == (2, 1 + 4, 64)
+  recon = mods.decoder.apply({'params': variables['params']['decoder']}, z, m.ids_restore)
+  assert recon.shape == (2, 16, 4 * 4 * 3)
+  assert models.pool(z, 'mean').shape == (2, 64)
+
+
+def test_modules_per_method(make_config):
+  mae = models.make_modules(make_config('mae'))
+  assert mae.decoder is not None and mae.projector is None and mae.predictor is None
+  moco = models.make_modules(make_config('mocov3'))
+  assert moco.decoder is None and moco.projector is not None and moco.predictor is not None
+
+
+def test_variants():
+  c = presets.base_config()
+  for variant, width in [('Ti/16', 192), ('S/4', 384), ('B/16', 768), ('L/14', 1024)]:
+    c.model.variant = variant
+    dims = presets.vit_dims(c.model)
+    assert dims['width'] == width and dims['patch_size'] == int(variant.split('/')[1])

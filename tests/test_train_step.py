@@ -1,0 +1,203 @@
+"""The jitted step: sharding equivalence, the momentum update, learning, and config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import override, tiny_config
+from macrl_jax import optim, presets, sharding, train_step
+
+
+def fixed_batch(config, seed=0):
+  rs = np.random.RandomState(seed)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  batch = {'view1': rs.randn(*shape).astype(np.float32)}
+  if config.num_views == 2:
+    # A second view of the same images: a shifted, noisier copy, so the positives are learnable.
+    batch['view2'] = (np.roll(batch['view1'], 1, axis=2) + 0.3 * rs.randn(*shape)).astype(np.float32)
+  return batch
+
+
+def run_steps(config, devices, num_steps=1, seed=0):
+  mesh = sharding.make_mesh(devices)
+  trainer = train_step.Trainer(config, mesh)
+  state = trainer.init_state()
+  batch = sharding.make_global_batch(fixed_batch(config, seed), mesh)
+  metrics = []
+  for _ in range(num_steps):
+    state, m = trainer.step(state, batch)
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state), metrics
+
+
+def test_eight_host_devices_are_there():
+  assert jax.device_count() == 8, 'tests/conftest.py sets XLA_FLAGS before jax is imported'
+
+
+@pytest.mark.parametrize('fsdp', [False, True])
+@pytest.mark.parametrize('method', ['macrl', 'mocov3'])
+def test_sharded_step_equals_single_device(method, fsdp):
+  config = tiny_config(method, queue_size=64 if method == 'macrl' else 0)
+  # Adam's first steps move every weight by about ±lr whatever its gradient's size, so a gradient
+  # that is ~0 turns reduction-order rounding into differences of a fraction of lr: keep lr small.
+  config.optim.base_lr = 1e-3
+  one, m1 = run_steps(config, jax.devices()[:1], num_steps=2)
+  config.sharding.fsdp = fsdp
+  eight, m8 = run_steps(config, jax.devices(), num_steps=2)
+  for a, b in zip(m1, m8):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
+               without_gradient_free(one, method), without_gradient_free(eight, method))
+
+
+def without_gradient_free(tree, method):
+  """Zeroes the parameters whose gradient is exactly zero in exact arithmetic.
+
+  Their gradient is rounding noise, which Adam's first steps scale up to about ±lr, differently for
+  each reduction order, so they differ between meshes without anything being wrong:
+  - the attention key bias: adding b to every key adds q·b to a whole row of logits, which softmax
+    ignores;
+  - with mocov3, the encoder's final LayerNorm bias: a constant shift of the pooled feature passes the
+    projector's first (bias-free) linear layer as a constant, which its BatchNorm removes.
+  """
+  def one(path, x):
+    keys = jax.tree_util.keystr(path)
+    if "['qkv']['bias']" in keys and x.ndim == 1:
+      d = x.shape[0] // 3
+      x = np.concatenate([x[:d], np.zeros_like(x[d:2 * d]), x[2 * d:]])
+    if method == 'mocov3' and "['encoder']['transformer']['norm']['bias']" in keys:
+      x = np.zeros_like(x)
+    return x
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+  config = tiny_config('mae')
+  config.sharding.fsdp = True
+  trainer = train_step.Trainer(config, sharding.make_mesh())
+  state = trainer.init_state()
+  kernel = state['params']['encoder']['transformer']['block00']['mlp_in']['kernel']
+  assert kernel.sharding.spec != jax.sharding.PartitionSpec()
+  assert kernel.addressable_shards[0].data.size == kernel.size // 8
+  mu = state['opt_state'][0].mu['encoder']['transformer']['block00']['mlp_in']['kernel']
+  assert mu.addressable_shards[0].data.size == mu.size // 8
+
+
+def test_momentum_update_is_ema_of_updated_online():
+  config = tiny_config('macrl', momentum_base=0.9)
+  config.optim.base_lr = 1e-2
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  trainer = train_step.Trainer(config, mesh)
+  state = trainer.init_state()
+  state, _ = trainer.step(state, sharding.make_global_batch(fixed_batch(config), mesh))  # EMA ≠ online now
+  old = jax.device_get(state)
+  new, metrics = trainer.step(state, sharding.make_global_batch(fixed_batch(config, 1), mesh))
+  new = jax.device_get(new)
+  m = float(metrics['momentum'])
+  np.testing.assert_allclose(m, train_step.momentum_at(1, config.total_steps, 0.9), rtol=1e-6)
+  for name in ('encoder', 'projector'):
+    expected = jax.tree.map(lambda e, o: m * e + (1 - m) * o, old['ema_params'][name], new['params'][name])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 new['ema_params'][name], expected)
+  # And the online encoder moved while the EMA moved only by the (1 − m) share.
+  assert not np.allclose(old['params']['encoder']['embedding']['kernel'],
+                         new['params']['encoder']['embedding']['kernel'])
+
+
+def test_momentum_network_gets_no_gradient():
+  """The loss's gradient w.r.t. the momentum params is exactly zero (stop_gradient on keys)."""
+  config = tiny_config('macrl')
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  trainer = train_step.Trainer(config, mesh)
+  state = jax.device_get(trainer.init_state())
+  step_fn = train_step.make_train_step(config, trainer.modules, trainer.tx, trainer.lr_fn, 100)
+  batch = fixed_batch(config)
+
+  def loss_of_ema(ema):
+    _, metrics = step_fn(dict(state, ema_params=ema), batch)
+    return metrics['loss']
+
+  grads = jax.grad(loss_of_ema)(state['ema_params'])
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_momentum_schedule():
+  assert float(train_step.momentum_at(0, 100, 0.99)) == pytest.approx(0.99)
+  assert float(train_step.momentum_at(50, 100, 0.99)) == pytest.approx(0.995)
+  assert float(train_step.momentum_at(100, 100, 0.99)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('method', ['macrl', 'mae', 'mocov3'])
+def test_tiny_model_drives_loss_down_on_a_fixed_batch(method):
+  config = tiny_config(method, total_steps=60)
+  config.optim.base_lr = 1e-3 * 256 / config.batch_size  # peak lr 1e-3
+  config.optim.warmup_steps = 5
+  _, metrics = run_steps(config, jax.devices()[:1], num_steps=40)
+  first = np.mean([m['loss'] for m in metrics[:3]])
+  last = np.mean([m['loss'] for m in metrics[-3:]])
+  assert np.isfinite(last)
+  assert last < 0.8 * first, (method, first, last)
+  assert {'grad_norm', 'param_norm', 'lr', 'loss'} <= set(metrics[0])
+  if method != 'mae':
+    assert metrics[-1]['con_acc'] > metrics[0]['con_acc']
+
+
+def test_weight_decay_mask_is_kernels_only():
+  config = tiny_config('macrl')
+  trainer = train_step.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
+  params = trainer.abstract_state['params']
+  mask = optim.decay_mask(params)
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["['encoder']['embedding']['kernel']"]
+  assert not flat["['encoder']['embedding']['bias']"]
+  assert not flat["['encoder']['cls']"]
+  assert not flat["['decoder']['mask_token']"]
+  assert not any(v for k, v in flat.items() if 'LayerNorm' in k or "['bn" in k)
+
+
+def test_learning_rate_scales_with_batch_and_warms_up():
+  config = tiny_config('mae', batch_size=512, total_steps=100)
+  config.optim.base_lr, config.optim.warmup_steps = 1e-3, 10
+  lr = optim.lr_schedule(config, 100)
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(2e-3)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize('overrides,field', [
+    (dict(image_size=18), 'image_size'),
+    (dict(mask_ratio_strong=1.0), 'mask_ratio_strong'),
+    (dict(mask_ratio_weak=-0.1), 'mask_ratio_weak'),
+    (dict(mask_ratio_strong=0.99), 'mask_ratio_strong'),  # 16 patches → no visible patch
+    (dict(batch_size=12), 'batch_size'),  # not divisible by 8 devices
+    (dict(method='nope'), 'method'),
+    (dict(**{'model.variant': 'XL/4'}), 'model.variant'),
+    (dict(**{'model.variant': 'S4'}), 'model.variant'),
+    (dict(lambda_con=0.0, lambda_rec=0.0), 'lambda_con'),
+    (dict(key_mask='other'), 'key_mask'),
+    (dict(queue_size=8), 'queue_size'),
+])
+def test_bad_config_fails_before_compiling(overrides, field):
+  config = override(tiny_config('macrl'), overrides)
+  with pytest.raises(ValueError, match=f'config.{field}'):
+    presets.validate(config, num_devices=8)
+  with pytest.raises(ValueError, match=f'config.{field}'):
+    train_step.Trainer(config, sharding.make_mesh())  # validates before tracing anything
+
+
+@pytest.mark.parametrize('method,overrides,field', [
+    ('mae', dict(lambda_con=1.0), 'lambda_con'),
+    ('mocov3', dict(lambda_rec=1.0), 'lambda_rec'),
+    ('mocov3', dict(mask_ratio_strong=0.5), 'mask_ratio_strong'),
+    ('mae', dict(num_views=2), 'num_views'),
+    ('macrl', dict(lambda_rec=0.0), 'lambda_rec'),
+])
+def test_inconsistent_preset_names_the_field(method, overrides, field):
+  with pytest.raises(ValueError, match=f'config.{field}'):
+    presets.validate(override(tiny_config(method), overrides), num_devices=8)
+
+
+def test_unknown_method_preset():
+  with pytest.raises(ValueError, match='unknown method'):
+    presets.apply_method(presets.base_config(), 'simclr')
