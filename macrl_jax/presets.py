@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
       drop_path=0.0,
       pool='cls',  # 'cls' | 'mean' (ours)
       remat=False,
+      # nn.scan over the transformer blocks (encoder and decoder): one block compiled instead of
+      # `depth`, for large models' compile time; params are stacked ('blocks', leading depth axis).
+      scan=False,
       decoder_width=128,
       decoder_depth=2,
       decoder_heads=4,
@@ -163,6 +166,18 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.num_views = 1
     c.aug.view1 = weak_aug()
     c.mask_ratio_strong = 0.75
+  return c
+
+
+def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's short arguments (`:method=mae,variant=S/4`) to its config."""
+  args = parse_arg(arg)
+  apply_method(c, args.pop('method', 'macrl'))
+  if 'variant' in args:
+    c.model.variant = args.pop('variant')
+  if args:
+    raise ValueError(f'unknown config argument(s) {sorted(args)}; known: method, variant. '
+                     'Set any other field with --config.FIELD=VALUE')
   return c
 
 
@@ -297,6 +312,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if num_devices is not None and c.batch_size % num_devices:
     fail('batch_size', f'global batch {c.batch_size} is not divisible by the {num_devices} devices; '
          f'use a multiple of {num_devices}')
+  if num_devices is not None and c.knn.eval_batch_size % num_devices:
+    fail('knn.eval_batch_size', f'{c.knn.eval_batch_size} is not divisible by the {num_devices} '
+         f'devices; use a multiple of {num_devices}')
   if c.total_steps <= 0:
     fail('total_steps', f'{c.total_steps} must be > 0')
   if c.optim.warmup_steps < 0 or c.optim.warmup_steps > c.total_steps:

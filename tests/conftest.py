@@ -6,8 +6,13 @@ from pathlib import Path
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Many tests compile the same tiny step: share compiled programs across tests and subprocesses.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/macrl_jax_test_jax_cache')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +49,76 @@ def override(config, overrides: dict):
   return config
 
 
+def stack_blocks(tree):
+  """The scan=False parameter layout ('block00', 'block01', ...) → the scan=True one ('blocks')."""
+  import jax  # noqa: PLC0415 (jax is imported only after XLA_FLAGS is set)
+  import jax.numpy as jnp  # noqa: PLC0415
+  if not isinstance(tree, dict):
+    return tree
+  names = sorted(k for k in tree if k.startswith('block') and k[5:].isdigit())
+  out = {k: stack_blocks(v) for k, v in tree.items() if k not in names}
+  if names:
+    out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in names])
+  return out
+
+
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+def fixed_batch(config, seed=0):
+  rs = np.random.RandomState(seed)
+  shape = (config.batch_size, config.image_size, config.image_size, 3)
+  batch = {'view1': rs.randn(*shape).astype(np.float32)}
+  if config.num_views == 2:
+    # A second view of the same images: a shifted, noisier copy, so the positives are learnable.
+    batch['view2'] = (np.roll(batch['view1'], 1, axis=2) + 0.3 * rs.randn(*shape)).astype(np.float32)
+  return batch
+
+
+def without_gradient_free(tree, method):
+  """Zeroes the parameters whose gradient is exactly zero in exact arithmetic.
+
+  Their gradient is rounding noise, which Adam's first steps scale up to about ±lr, differently for
+  each reduction order, so they differ between meshes without anything being wrong:
+  - the attention key bias: adding b to every key adds q·b to a whole row of logits, which softmax
+    ignores;
+  - with mocov3, the encoder's final LayerNorm bias: a constant shift of the pooled feature passes the
+    projector's first (bias-free) linear layer as a constant, which its BatchNorm removes.
+  """
+  import jax
+
+  def one(path, x):
+    keys = jax.tree_util.keystr(path)
+    if "['qkv']['bias']" in keys and x.ndim == 1:
+      d = x.shape[0] // 3
+      x = np.concatenate([x[:d], np.zeros_like(x[d:2 * d]), x[2 * d:]])
+    if method == 'mocov3' and "['encoder']['transformer']['norm']['bias']" in keys:
+      x = np.zeros_like(x)
+    return x
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def digits_config(data_dir: str, method: str = 'macrl', **overrides):
+  """tiny_config on the real digits data, with the program's fields set for short runs."""
+  c = tiny_config(method, dataset='digits', data_dir=data_dir, num_classes=10, batch_size=32,
+                  total_steps=8, log_every_steps=2, eval_every_steps=1000,
+                  checkpoint_every_steps=2, keep_checkpoints=5)
+  c.knn.eval_batch_size = 64
+  return override(c, overrides)
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  """A TFDS data dir with the digits dataset prepared (from scikit-learn, under a second)."""
+  from macrl_jax import input_pipeline, presets
+  data_dir = str(tmp_path_factory.mktemp('tfds_digits'))
+  c = presets.base_config()
+  c.data_dir = data_dir
+  input_pipeline.get_builder(c)
+  return data_dir
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: runs the real default command (minutes)')

@@ -5,18 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import override, tiny_config
+from conftest import fixed_batch, override, tiny_config, without_gradient_free
 from macrl_jax import optim, presets, sharding, train_step
-
-
-def fixed_batch(config, seed=0):
-  rs = np.random.RandomState(seed)
-  shape = (config.batch_size, config.image_size, config.image_size, 3)
-  batch = {'view1': rs.randn(*shape).astype(np.float32)}
-  if config.num_views == 2:
-    # A second view of the same images: a shifted, noisier copy, so the positives are learnable.
-    batch['view2'] = (np.roll(batch['view1'], 1, axis=2) + 0.3 * rs.randn(*shape)).astype(np.float32)
-  return batch
 
 
 def run_steps(config, devices, num_steps=1, seed=0):
@@ -49,27 +39,6 @@ def test_sharded_step_equals_single_device(method, fsdp):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
                without_gradient_free(one, method), without_gradient_free(eight, method))
-
-
-def without_gradient_free(tree, method):
-  """Zeroes the parameters whose gradient is exactly zero in exact arithmetic.
-
-  Their gradient is rounding noise, which Adam's first steps scale up to about ±lr, differently for
-  each reduction order, so they differ between meshes without anything being wrong:
-  - the attention key bias: adding b to every key adds q·b to a whole row of logits, which softmax
-    ignores;
-  - with mocov3, the encoder's final LayerNorm bias: a constant shift of the pooled feature passes the
-    projector's first (bias-free) linear layer as a constant, which its BatchNorm removes.
-  """
-  def one(path, x):
-    keys = jax.tree_util.keystr(path)
-    if "['qkv']['bias']" in keys and x.ndim == 1:
-      d = x.shape[0] // 3
-      x = np.concatenate([x[:d], np.zeros_like(x[d:2 * d]), x[2 * d:]])
-    if method == 'mocov3' and "['encoder']['transformer']['norm']['bias']" in keys:
-      x = np.zeros_like(x)
-    return x
-  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def test_fsdp_shards_params_and_optimizer_state():
@@ -201,3 +170,30 @@ def test_inconsistent_preset_names_the_field(method, overrides, field):
 def test_unknown_method_preset():
   with pytest.raises(ValueError, match='unknown method'):
     presets.apply_method(presets.base_config(), 'simclr')
+
+
+def test_scanned_blocks_give_the_same_step():
+  """model.scan only changes the layout of the block parameters (stacked), not the step's result."""
+  from conftest import stack_blocks
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  batch = sharding.make_global_batch(fixed_batch(tiny_config('macrl')), mesh)
+  results = {}
+  for scan in (False, True):
+    trainer = train_step.Trainer(tiny_config('macrl', **{'model.scan': scan}), mesh)
+    state = jax.device_get(trainer.init_state())
+    if scan:  # the loop's initial parameters, stacked; the optimizer state starts at zero anyway
+      state['params'] = stack_blocks(loop_state['params'])
+      state['ema_params'] = stack_blocks(loop_state['ema_params'])
+    else:
+      loop_state = state
+    state = jax.device_put(state, trainer.state_sharding)
+    state, m1 = trainer.step(state, batch)
+    state, m2 = trainer.step(state, batch)
+    results[scan] = jax.device_get((state['params'], m1['loss'], m2['loss']))
+  assert results[True][0]['encoder']['transformer']['blocks']['mlp_in']['kernel'].shape[0] == 4
+  np.testing.assert_allclose(results[True][1:], results[False][1:], rtol=1e-5)
+
+  def close(path, a, b):
+    if "['qkv']['bias']" not in jax.tree_util.keystr(path):  # gradient-free: see without_gradient_free
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree_util.tree_map_with_path(close, results[True][0], stack_blocks(results[False][0]))

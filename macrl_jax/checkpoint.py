@@ -1,0 +1,115 @@
+"""Orbax checkpoints of the full train state in `<workdir>/checkpoints/<step>/`.
+
+Each checkpoint holds two items: `state` (the train-state pytree of train_step.py, saved collectively
+by all processes) and `meta` (JSON: the step, the data position and the shape of every array, so
+that a checkpoint of another model is told apart from an unreadable one without reading arrays).
+The data position is the step itself: the input pipeline is a pure function of (config, step,
+process), so resuming at step s needs nothing more.
+
+Restoring goes from the newest step down, skipping (and moving aside, never deleting) a checkpoint
+that cannot be read, e.g. one half-written when a machine died during a save.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint holds another model than the config builds."""
+
+
+def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  # Registering both items lets either be restored alone (meta is read before any array).
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options, item_handlers=handlers)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  meta = dict(meta, step=step, shapes=_shapes(state))
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _shapes(tree) -> dict[str, list[int]]:
+  return {jax.tree_util.keystr(path): list(np.shape(x))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def check_compatible(meta: dict, where: str, abstract_state: Any) -> None:
+  """Raises CheckpointMismatchError naming the first differing array and both of its shapes."""
+  saved = {k: tuple(v) for k, v in meta['shapes'].items()}
+  wanted = {k: tuple(v) for k, v in _shapes(abstract_state).items()}
+  for key in sorted(set(saved) | set(wanted)):
+    if saved.get(key) != wanted.get(key):
+      have = saved.get(key, 'absent')
+      want = wanted.get(key, 'absent')
+      raise CheckpointMismatchError(
+          f'The checkpoint {where} holds another model: {key} has shape {have} there, but the config '
+          f'builds {want}. Resume with the config the workdir was made with (its config.json), or '
+          f'pass a new --workdir. Nothing was overwritten.')
+
+
+def _move_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  src = os.path.join(str(mngr.directory), str(step))
+  dst = os.path.join(os.path.dirname(str(mngr.directory)), 'checkpoints_unreadable',
+                     f'{step}-{int(time.time())}')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'checkpoint_moved_aside_{step}')
+  logging.warning('Checkpoint step %d cannot be read (%s: %s); it was probably half-written when '
+                  'the run died. Moved it to %s and trying the one before.', step,
+                  type(error).__name__, str(error).splitlines()[0][:200], dst)
+  mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
+                   step: int | None = None) -> tuple[Any, dict] | None:
+  """The newest readable checkpoint (or `step`) as (state, meta); None when there is none.
+
+  `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: the arrays are restored
+  straight into that layout (sharded across processes with fsdp).
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f'No checkpoint at step {step} in {mngr.directory}; '
+                              f'available steps: {sorted(steps) or "none"}')
+    steps = [step]
+  for s in steps:
+    try:
+      meta = read_meta(mngr, s)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, not fatal
+      if step is not None:
+        raise
+      _move_aside(mngr, s, e)
+      continue
+    check_compatible(meta, os.path.join(str(mngr.directory), str(s)), abstract_state)
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # noqa: BLE001
+      if step is not None:
+        raise
+      _move_aside(mngr, s, e)
+      continue
+    return restored['state'], meta
+  return None

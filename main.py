@@ -1,0 +1,75 @@
+"""Pre-trains a MACRL / MAE / MoCo v3 / MimCo model.
+
+  python main.py                                   # the embedded digits default, a few minutes on CPU
+  python main.py --config=configs/cifar100.py:method=mae --workdir=/tmp/c100_mae \
+      --config.batch_size=512
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+config_flags.DEFINE_config_file(
+    'config', os.path.join(REPO, 'configs', 'digits.py'),
+    'Config file, optionally with arguments: configs/NAME.py:method=mae,variant=S/4.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go. Default: workdirs/<dataset>_<method>.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
+                  'Call jax.distributed.initialize(): auto = on a TPU pod slice or in a SLURM job of '
+                  'several tasks, or when --coordinator_address is given.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host without SLURM/TPU).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
+FLAGS = flags.FLAGS
+
+
+def _cluster_detected() -> bool:
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ
+  tpu_pod = len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+  return slurm or tpu_pod
+
+
+def _init_distributed() -> None:
+  import jax
+  wanted = FLAGS.distributed == 'yes' or (
+      FLAGS.distributed == 'auto' and (FLAGS.coordinator_address or _cluster_detected()))
+  if not wanted:
+    return
+  # CPU devices of several processes exchange collectives through gloo (no effect on GPU/TPU).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _quiet_libraries() -> None:
+  """Keeps INFO lines of this program, but only warnings from Orbax and TFDS (they log every file)."""
+  import logging as py_logging
+
+  def keep(record):
+    noisy = ('/orbax/', '/tensorflow_datasets/', '/tensorstore/')
+    return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
+
+  py_logging.getLogger('absl').addFilter(keep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  _quiet_libraries()
+  _init_distributed()
+  from macrl_jax import train
+  config = FLAGS.config
+  dataset = config.dataset.replace(':', '_').replace('/', '_')
+  workdir = FLAGS.workdir or os.path.join('workdirs', f'{dataset}_{config.method}')
+  train.train_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

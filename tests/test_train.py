@@ -1,0 +1,242 @@
+"""The training program: the default command, resume, broken and foreign checkpoints, NaN, configs."""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import REPO, SHARED_DATA, digits_config, override
+from macrl_jax import checkpoint, input_pipeline, knn, sharding, train, train_step
+
+MAIN = str(REPO / 'main.py')
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def flags_of(config_overrides: dict) -> list[str]:
+  return [f'--config.{k}={v}' for k, v in config_overrides.items()]
+
+
+def restore_params(config, workdir, step=None):
+  trainer = train_step.Trainer(config, sharding.make_mesh())
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sharding)
+  mngr = checkpoint.manager(workdir)
+  state, meta = checkpoint.restore_latest(mngr, abstract, step)
+  mngr.close()
+  return jax.device_get(state), meta
+
+
+def random_init_knn(config) -> float:
+  mesh = sharding.make_mesh()
+  trainer = train_step.Trainer(config, mesh)
+  params = trainer.init_state()['params']['encoder']
+  fn = knn.make_feature_fn(trainer.modules.encoder, config.model.pool, mesh)
+  feats = {}
+  for split in (config.train_split, config.test_split):
+    it = input_pipeline.create_eval_iterator(config, split, batch_size=config.knn.eval_batch_size)
+    feats[split] = knn.extract(fn, params, it, mesh)
+  return knn.knn_top1(*feats[config.train_split], *feats[config.test_split], config.num_classes,
+                      config.knn.k, config.knn.temperature)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------- the default
+@pytest.fixture(scope='session')
+def default_run(tmp_path_factory):
+  """`python main.py` exactly as a new user types it: no flags, one CPU device, fresh data dir."""
+  cwd = tmp_path_factory.mktemp('new_user')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['TFDS_DATA_DIR'] = str(cwd / 'tensorflow_datasets')
+  start = time.time()
+  proc = subprocess.run([sys.executable, MAIN], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=900)
+  return dict(proc=proc, seconds=time.time() - start, workdir=cwd / 'workdirs' / 'digits_macrl',
+              data_dir=env['TFDS_DATA_DIR'])
+
+
+@pytest.mark.slow
+def test_default_command_writes_the_workdir_and_beats_random_init(default_run):
+  proc, workdir = default_run['proc'], default_run['workdir']
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert str(workdir) in proc.stdout
+  config = load_config('digits')
+  # SPEC §3 layout.
+  assert json.load(open(workdir / 'config.json'))['method'] == 'macrl'
+  assert glob.glob(str(workdir / 'events.out.tfevents.*'))
+  assert os.path.isdir(workdir / 'checkpoints' / str(config.total_steps))
+  records = read_jsonl(workdir / 'metrics.jsonl')
+  assert records[-1]['step'] == config.total_steps
+  for key in ('loss', 'loss_rec', 'loss_con', 'lr', 'momentum', 'images_per_sec', 'knn_top1'):
+    assert key in records[-1], key
+  # The pre-trained encoder beats the randomly initialised one on the kNN monitor.
+  config.data_dir = default_run['data_dir']
+  final, chance = records[-1]['knn_top1'], random_init_knn(config)
+  print(f'digits default: {default_run["seconds"]:.0f} s, kNN top-1 {final:.3f} '
+        f'(random init {chance:.3f})')
+  assert final > chance + 0.02, (final, chance)
+
+
+# ----------------------------------------------------------------------------------- resume
+def run_main(workdir, overrides, **kw):
+  cmd = [sys.executable, MAIN, '--config=' + str(REPO / 'configs' / 'digits.py'),
+         f'--workdir={workdir}'] + flags_of(overrides)
+  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def tiny_main_overrides(data_dir, total_steps):
+  return {'data_dir': data_dir, 'model.width': 32, 'model.depth': 2, 'model.num_heads': 2,
+          'model.mlp_dim': 64, 'model.decoder_width': 32, 'model.decoder_depth': 1,
+          'model.decoder_heads': 2, 'model.proj_hidden': 64, 'model.pred_hidden': 64,
+          'model.proj_dim': 32, 'batch_size': 64, 'total_steps': total_steps,
+          'optim.warmup_steps': 2, 'log_every_steps': 1, 'eval_every_steps': 1000,
+          'checkpoint_every_steps': 1000, 'knn.eval_batch_size': 64}
+
+
+def test_resume_after_sigterm_equals_an_uninterrupted_run(digits_dir, tmp_path):
+  total = 40
+  overrides = tiny_main_overrides(digits_dir, total)
+  full = run_main(tmp_path / 'full', overrides)
+  out, _ = full.communicate(timeout=600)
+  assert full.returncode == 0, out[-3000:]
+
+  stopped = run_main(tmp_path / 'stopped', overrides)
+  metrics = tmp_path / 'stopped' / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and stopped.poll() is None:
+    if metrics.exists() and len(read_jsonl(metrics)) >= total // 2:
+      break
+    time.sleep(0.2)
+  stopped.send_signal(signal.SIGTERM)
+  out, _ = stopped.communicate(timeout=300)
+  assert stopped.returncode == 0, out[-3000:]
+  steps = [int(d) for d in os.listdir(tmp_path / 'stopped' / 'checkpoints') if d.isdigit()]
+  assert len(steps) == 1 and total // 2 <= steps[0] < total, steps  # saved where it stopped
+
+  resumed = run_main(tmp_path / 'stopped', overrides)
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out[-3000:]
+  assert 'Resumed from step' in out
+
+  config = override(load_config('digits'), overrides)
+  a, _ = restore_params(config, str(tmp_path / 'full'))
+  b, meta = restore_params(config, str(tmp_path / 'stopped'))
+  assert meta['step'] == total
+  for part in ('params', 'ema_params', 'opt_state'):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a[part], b[part])
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def tree_digest(path) -> str:
+  h = hashlib.sha256()
+  for root, _, files in sorted(os.walk(path)):
+    for name in sorted(files):
+      h.update(name.encode())
+      h.update(open(os.path.join(root, name), 'rb').read())
+  return h.hexdigest()
+
+
+def test_half_written_checkpoint_is_skipped_and_training_resumes(digits_dir, tmp_path, caplog):
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
+  ckpts = tmp_path / 'wd' / 'checkpoints'
+  assert sorted(int(d) for d in os.listdir(ckpts)) == [2, 4]
+  # A crash during the save of step 4: its array data is gone. And one that died before renaming.
+  for f in glob.glob(str(ckpts / '4' / 'state' / 'd' / '*')):
+    os.remove(f)
+  os.makedirs(ckpts / '6.orbax-checkpoint-tmp-1234' / 'state')
+
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(digits_config(digits_dir, total_steps=6), workdir)
+  assert result['step'] == 6
+  assert 'Checkpoint step 4 cannot be read' in caplog.text
+  steps_logged = [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')]
+  assert steps_logged.count(4) == 2, steps_logged  # the second run started again after step 2
+  moved = glob.glob(str(tmp_path / 'wd' / 'checkpoints_unreadable' / '4-*'))
+  assert moved, 'the unreadable checkpoint is kept aside, not deleted'
+  assert 6 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_path):
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=2), workdir)
+  before = tree_digest(workdir)
+  wider = digits_config(digits_dir, total_steps=4, **{'model.width': 128, 'model.mlp_dim': 128})
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    train.train_and_evaluate(wider, workdir)
+  message = str(e.value)
+  assert re.search(r'has shape \(.*64\) there, but the config builds \(.*128\)', message), message
+  assert 'Nothing was overwritten' in message
+  assert tree_digest(workdir) == before
+
+
+def test_no_checkpoint_at_a_step_lists_the_available_ones(digits_dir, tmp_path):
+  workdir = str(tmp_path / 'wd')
+  config = digits_config(digits_dir, total_steps=2)
+  train.train_and_evaluate(config, workdir)
+  with pytest.raises(FileNotFoundError, match=r'available steps: \[2\]'):
+    restore_params(config, workdir, step=7)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path):
+  workdir = str(tmp_path / 'wd')
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
+  poisoned = digits_config(digits_dir, total_steps=8, **{'optim.base_lr': float('nan')})
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train_and_evaluate(poisoned, workdir)
+  message = str(e.value)
+  assert 'at step 5' in message and 'learning rate' in message and 'param_norm=nan' in message
+  steps = sorted(int(d) for d in os.listdir(tmp_path / 'wd' / 'checkpoints') if d.isdigit())
+  assert steps == [2, 4], steps
+  state, _ = restore_params(poisoned, workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+# ----------------------------------------------------------------------------------- configs
+CONFIGS = ['digits', 'cifar10', 'cifar100', 'tiny_imagenet', 'imagenet100', 'imagenette']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_each_config_builds_and_runs_two_steps(name, digits_dir, tmp_path):
+  config = load_config(name, 'method=macrl')
+  patch = int(config.model.variant.split('/')[1])
+  override(config, {'model.variant': f'mu/{patch}', 'model.depth': 1, 'model.decoder_depth': 1,
+                    'model.proj_hidden': 64, 'model.pred_hidden': 64, 'model.proj_dim': 32,
+                    'batch_size': 16, 'total_steps': 2, 'optim.warmup_steps': 1,
+                    'log_every_steps': 1, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
+                    'knn.eval_batch_size': 16, 'dtype': 'float32'})
+  if name == 'digits':
+    config.data_dir = digits_dir
+    result = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  else:
+    if name == 'tiny_imagenet':
+      tiny = SHARED_DATA / 'tiny-imagenet-10'
+      if not tiny.is_dir():
+        pytest.skip(f'{tiny} is absent')
+      override(config, {'manual_dir': str(tiny), 'num_classes': 10,
+                        'data_dir': str(tmp_path / 'tfds')})
+    with tfds.testing.mock_data(num_examples=32):
+      result = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert result['step'] == 2 and np.isfinite(result['loss'])
+  assert 0.0 <= result['knn_top1'] <= 1.0
