@@ -1,0 +1,61 @@
+"""One process of the two-process test in test_multihost.py (not a test module itself).
+
+  python tests/multihost_driver.py PORT PROCESS_ID OUT_DIR DIGITS_DATA_DIR
+
+Each process has 2 CPU devices; jax.distributed joins them over 127.0.0.1 with gloo collectives.
+Phase 1: three steps of a tiny config on a fixed global batch assembled from the process-local
+halves; writes its params and losses to OUT_DIR/process<i>.npz and saves a collective checkpoint.
+Phase 2: train.train_and_evaluate on digits for a few steps (per-process data shards, kNN,
+process-0-only logs, collective checkpoints).
+"""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from conftest import digits_config, fixed_batch, tiny_config  # noqa: E402
+
+
+def replicated_value(x):
+  return np.asarray(x.addressable_data(0))
+
+
+def main(port, process_id, out_dir, data_dir):
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+
+  from macrl_jax import checkpoint, sharding, train, train_step
+  config = tiny_config('macrl', batch_size=8, queue_size=32)
+  config.optim.base_lr = 1e-3
+  mesh = sharding.make_mesh()
+  trainer = train_step.Trainer(config, mesh)
+  state = trainer.init_state()
+  full = fixed_batch(config)
+  half = config.batch_size // 2
+  local = {k: v[process_id * half:(process_id + 1) * half] for k, v in full.items()}
+  losses = []
+  for _ in range(3):
+    state, metrics = trainer.step(state, sharding.make_global_batch(local, mesh))
+    losses.append(float(replicated_value(metrics['loss'])))
+  flat = {jax.tree_util.keystr(p): replicated_value(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(state)}
+  np.savez(os.path.join(out_dir, f'process{process_id}.npz'), losses=np.array(losses), **flat)
+  mngr = checkpoint.manager(os.path.join(out_dir, 'step_workdir'))
+  checkpoint.save(mngr, 3, state, {})
+  mngr.wait_until_finished()
+  mngr.close()
+
+  result = train.train_and_evaluate(digits_config(data_dir, total_steps=4),
+                                    os.path.join(out_dir, 'train_workdir'))
+  print(f'process {process_id} done: {result}', flush=True)
+
+
+if __name__ == '__main__':
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
