@@ -49,3 +49,26 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Arra
   keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True).clip(1e-12)
   idx = (ptr + jnp.arange(keys.shape[0])) % queue.shape[0]
   return queue.at[idx].set(keys.astype(queue.dtype)), (ptr + keys.shape[0]) % queue.shape[0]
+
+
+def patch_infonce(pred: jax.Array, target: jax.Array, ids_masked: jax.Array, temperature: float,
+                  negatives: str = 'image') -> tuple[jax.Array, jax.Array]:
+  """MimCo's patch-level loss: each masked position's prediction against the teacher's tokens.
+
+  pred, target: [B, N, C]; ids_masked: [B, M] the masked positions. The positive of a prediction is
+  the teacher's token at its position; the negatives are the teacher's tokens at the other masked
+  positions of the same image ('image') or of the whole batch ('batch'). Plain InfoNCE (no 2τ
+  factor). Returns (loss, top-1 accuracy).
+  """
+  def masked(x):
+    x = jnp.take_along_axis(x, ids_masked[..., None], axis=1)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+  p, t = masked(pred), masked(target)
+  if negatives == 'batch':
+    p, t = p.reshape(1, -1, p.shape[-1]), t.reshape(1, -1, t.shape[-1])
+  logits = jnp.einsum('bmc,bnc->bmn', p, t) / temperature
+  labels = jnp.broadcast_to(jnp.arange(logits.shape[1]), logits.shape[:2])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  acc = (logits.argmax(axis=-1) == labels).mean()
+  return loss, acc

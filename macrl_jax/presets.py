@@ -114,6 +114,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.queue_size = 0  # memory bank of past keys; 0 = batch negatives only (ours)
   c.momentum_base = 0.99
 
+  # MimCo (SPEC §1): the frozen contrastive teacher and the student's two losses.
+  c.teacher = ml_collections.ConfigDict(dict(
+      workdir=ml_collections.FieldReference(None, field_type=str),  # a mocov3 or macrl workdir
+      step=ml_collections.FieldReference(None, field_type=int),  # None = latest
+      params='momentum',  # 'momentum' | 'online' encoder and projector of the teacher
+      spec=None,  # filled from the teacher's config.json: method, image_size, model
+  ))
+  c.mimco = ml_collections.ConfigDict(dict(
+      tau_patch=0.1,  # (ours)
+      tau_img=0.2,  # (ours)
+      lambda_img=1.0,  # (ours)
+      patch_negatives='image',  # 'image' | 'batch'
+  ))
+
   # Optimisation.
   c.batch_size = 256  # global
   c.total_steps = 1000
@@ -163,9 +177,13 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.lambda_con = 1.0
     c.lambda_rec = 0.0
   elif method == 'mimco':
+    # One weakly augmented view, masked 75 % for the student, whole for the teacher.
     c.num_views = 1
     c.aug.view1 = weak_aug()
     c.mask_ratio_strong = 0.75
+    c.lambda_con = 0.0
+    c.lambda_rec = 0.0
+    c.queue_size = 0
   return c
 
 
@@ -175,8 +193,10 @@ def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   apply_method(c, args.pop('method', 'macrl'))
   if 'variant' in args:
     c.model.variant = args.pop('variant')
+  if 'teacher' in args:
+    c.teacher.workdir = args.pop('teacher')
   if args:
-    raise ValueError(f'unknown config argument(s) {sorted(args)}; known: method, variant. '
+    raise ValueError(f'unknown config argument(s) {sorted(args)}; known: method, variant, teacher. '
                      'Set any other field with --config.FIELD=VALUE')
   return c
 
@@ -292,6 +312,22 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     for field in ('mask_ratio_strong', 'mask_ratio_weak'):
       if c[field] != 0:
         fail(field, f'method=mocov3 sees unmasked views; {field} must be 0 (got {c[field]})')
+  if c.method == 'mimco':
+    if not c.teacher.workdir and c.teacher.spec is None:
+      fail('teacher.workdir', 'method=mimco needs a contrastive teacher: pre-train one first '
+           '(python main.py --config=configs/digits.py:method=mocov3 --workdir=TEACHER), then pass '
+           '--config=configs/digits.py:method=mimco,teacher=TEACHER')
+    if c.num_views != 1:
+      fail('num_views', f'method=mimco uses one view (got {c.num_views})')
+    if c.mask_ratio_strong <= 0:
+      fail('mask_ratio_strong', 'method=mimco predicts the teacher at masked patches; mask some')
+    if c.teacher.params not in ('momentum', 'online'):
+      fail('teacher.params', f'{c.teacher.params!r} is not one of "momentum", "online"')
+    if c.mimco.patch_negatives not in ('image', 'batch'):
+      fail('mimco.patch_negatives', f'{c.mimco.patch_negatives!r} is not one of "image", "batch"')
+    for field in ('tau_patch', 'tau_img'):
+      if c.mimco[field] <= 0:
+        fail(f'mimco.{field}', f'{c.mimco[field]} must be > 0')
   if c.method in ('macrl', 'mocov3') and c.num_views != 2:
     fail('num_views', f'method={c.method} needs two views (got {c.num_views})')
   if c.method == 'macrl' and (c.lambda_con == 0 or c.lambda_rec == 0):

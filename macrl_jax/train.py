@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from macrl_jax import checkpoint, knn, presets, reconstruction, sharding, train_step
+from macrl_jax import checkpoint, knn, mimco, presets, reconstruction, sharding, train_step
 
 NAN_HINT = ('Lower the learning rate (--config.optim.base_lr), add gradient clipping '
             '(--config.optim.grad_clip=1.0) or use float32 (--config.dtype=float32).')
@@ -128,7 +128,7 @@ def make_knn_eval(config, trainer: train_step.Trainer, mesh, input_pipeline):
 
 def _reconstruction_images(config, trainer, state, input_pipeline, num: int = 8) -> dict:
   """Grids for TensorBoard, one per masked view (process 0 only, on a few test images)."""
-  if trainer.modules.decoder is None:
+  if not presets.uses_reconstruction(config):  # (MimCo's decoder predicts features, not pixels)
     return {}
   batch = next(iter(input_pipeline.create_eval_iterator(
       config, config.test_split, batch_size=num, process_index=0, process_count=1)))
@@ -152,6 +152,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     raise ValueError(f'config.batch_size: {config.batch_size} is not divisible by the '
                      f'{jax.process_count()} processes')
   is_main = jax.process_index() == 0
+  if config.method == 'mimco':
+    mimco.resolve_teacher(config)  # checks the teacher; its spec goes into config.json
 
   # ---------------------------------------------------------------- workdir
   workdir = os.path.abspath(workdir)

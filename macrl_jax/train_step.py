@@ -9,6 +9,7 @@ The state is a plain dict:
   ema_params      momentum networks {'encoder', 'projector'} (contrastive methods only)
   ema_batch_stats BatchNorm statistics of the momentum projector
   queue, queue_ptr  memory bank of past keys (only when queue_size > 0)
+  teacher         MimCo only: the frozen teacher's variables (see mimco.py)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from macrl_jax import losses, models, optim, presets, sharding
+from macrl_jax import losses, mimco, models, optim, presets, sharding
 
 State = dict[str, Any]
 
@@ -32,7 +33,7 @@ def momentum_at(step, total_steps: int, base: float):
 
 
 def init_state(config, modules: models.Modules, tx: optax.GradientTransformation,
-               rng: jax.Array) -> State:
+               rng: jax.Array, teacher: models.Modules | None = None) -> State:
   init_rng, run_rng, queue_rng = jax.random.split(rng, 3)
   variables = models.init_variables(modules, config, init_rng)
   params = variables['params']
@@ -46,6 +47,11 @@ def init_state(config, modules: models.Modules, tx: optax.GradientTransformation
       queue = jax.random.normal(queue_rng, (config.queue_size, config.model.proj_dim))
       state['queue'] = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
       state['queue_ptr'] = jnp.zeros((), jnp.int32)
+  if teacher is not None:
+    # Placeholder of the right shapes; Trainer.init_state puts the restored teacher here.
+    v = models.init_variables(teacher, mimco.teacher_config(config), queue_rng)
+    state['teacher'] = {'params': {k: v['params'][k] for k in ('encoder', 'projector')},
+                        'batch_stats': {'projector': v['batch_stats']['projector']}}
   return state
 
 
@@ -150,17 +156,30 @@ class Trainer:
     presets.validate(config, num_devices=mesh.size)
     self.config, self.mesh = config, mesh
     self.total_steps = total_steps or config.total_steps
-    self.modules = models.make_modules(config)
+    self.teacher_modules = None
+    if config.method == 'mimco':
+      mimco.resolve_teacher(config)
+      self.modules, self.teacher_modules = mimco.make_modules(config)
+    else:
+      self.modules = models.make_modules(config)
     self.tx, self.lr_fn = optim.make_optimizer(config, self.total_steps)
-    init = functools.partial(init_state, config, self.modules, self.tx)
+    init = functools.partial(init_state, config, self.modules, self.tx,
+                             teacher=self.teacher_modules)
     self.abstract_state = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
     self.state_sharding = sharding.state_shardings(self.abstract_state, mesh, config.sharding.fsdp)
     self.init = jax.jit(init, out_shardings=self.state_sharding)
-    step = make_train_step(config, self.modules, self.tx, self.lr_fn, self.total_steps)
+    if config.method == 'mimco':
+      step = mimco.make_train_step(config, self.modules, self.teacher_modules, self.tx, self.lr_fn)
+    else:
+      step = make_train_step(config, self.modules, self.tx, self.lr_fn, self.total_steps)
     self.step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh)),
                         out_shardings=(self.state_sharding, sharding.replicated(mesh)),
                         donate_argnums=(0,))
 
   def init_state(self, seed: int | None = None) -> State:
     seed = self.config.seed if seed is None else seed
-    return self.init(jax.random.PRNGKey(seed))
+    state = self.init(jax.random.PRNGKey(seed))
+    if self.teacher_modules is not None:
+      teacher = mimco.load_teacher(self.config, self.mesh)
+      state['teacher'] = jax.device_put(teacher, self.state_sharding['teacher'])
+    return state

@@ -1,0 +1,162 @@
+"""MimCo (SPEC §1): a masked student predicts a frozen contrastive teacher's features.
+
+The teacher is any mocov3 or macrl workdir of this codebase. Its encoder and projector (momentum or
+online) are restored once and carried in the student's train state under `state['teacher']`: they
+are saved with the student's checkpoints (so a MimCo workdir is self-contained for the tools) but
+are no part of `params`, so they get no gradient and no optimizer state, and the step returns them
+untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from macrl_jax import checkpoint, losses, models, presets
+
+
+# ----------------------------------------------------------------------------------- the teacher
+def resolve_teacher(config) -> None:
+  """Fills `config.teacher.spec` from the teacher workdir's config.json and checks compatibility.
+
+  Raises with a clear message for a missing workdir or checkpoint, or a teacher whose patch size or
+  image size differs from the student's. A config whose spec is already filled (a MimCo workdir's
+  own config.json, read by the tools) is left as it is.
+  """
+  if config.teacher.spec is not None:
+    return
+  workdir = config.teacher.workdir
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'config.teacher.workdir: {workdir} does not exist. Pre-train the teacher '
+                            'first, e.g. python main.py --config=configs/digits.py:method=mocov3 '
+                            f'--workdir={workdir}')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.teacher.workdir: {workdir} has no config.json; is it a workdir '
+                            'of this codebase?')
+  with open(path) as f:
+    teacher = ml_collections.ConfigDict(json.load(f))
+  if teacher.method not in ('mocov3', 'macrl'):
+    raise ValueError(f'config.teacher.workdir: {workdir} was trained with method={teacher.method}; '
+                     'a MimCo teacher must be contrastive (mocov3 or macrl)')
+  mngr = checkpoint.manager(workdir)
+  steps = mngr.all_steps()
+  mngr.close()
+  if not steps:
+    raise FileNotFoundError(f'config.teacher.workdir: {workdir} has no checkpoint in '
+                            f'{os.path.join(workdir, "checkpoints")}; its pre-training has not saved yet')
+  student_patch = presets.vit_dims(config.model)['patch_size']
+  teacher_patch = presets.vit_dims(teacher.model)['patch_size']
+  if student_patch != teacher_patch:
+    raise ValueError(
+        f'config.teacher.workdir: the teacher has patch size {teacher_patch} (variant '
+        f'{teacher.model.variant!r}) but the student has patch size {student_patch} (variant '
+        f'{config.model.variant!r}); MimCo matches their tokens position by position, so use a '
+        f'student variant with patch {teacher_patch}')
+  if teacher.image_size != config.image_size:
+    raise ValueError(f'config.image_size: the teacher was trained at {teacher.image_size} px, the '
+                     f'student at {config.image_size} px; their token grids must match')
+  config.teacher.spec = ml_collections.ConfigDict(dict(
+      method=teacher.method, image_size=teacher.image_size, model=teacher.model.to_dict()))
+
+
+def teacher_config(config) -> ml_collections.ConfigDict:
+  """The teacher's own config, enough to build its modules (from config.teacher.spec)."""
+  spec = config.teacher.spec
+  c = presets.base_config()
+  presets.apply_method(c, spec.method)
+  c.image_size = spec.image_size
+  c.model = ml_collections.ConfigDict(spec.model.to_dict())
+  c.dtype = config.dtype
+  return c
+
+
+def load_teacher(config, mesh) -> dict:
+  """The teacher's frozen variables {'params': {encoder, projector}, 'batch_stats': {projector}}."""
+  from macrl_jax import train_step  # the teacher's state layout is the one train_step builds
+  trainer = train_step.Trainer(teacher_config(config), mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sharding)
+  mngr = checkpoint.manager(config.teacher.workdir)
+  state, _ = checkpoint.restore_latest(mngr, abstract, config.teacher.step)
+  mngr.close()
+  if config.teacher.params == 'momentum':
+    params, stats = state['ema_params'], state['ema_batch_stats']
+  else:
+    params = {k: state['params'][k] for k in ('encoder', 'projector')}
+    stats = {'projector': state['batch_stats']['projector']}
+  return {'params': params, 'batch_stats': stats}
+
+
+# ----------------------------------------------------------------------------------- the student
+def make_modules(config) -> tuple[models.Modules, models.Modules]:
+  """(student, teacher) modules. The student: encoder, a decoder predicting a teacher-width
+  feature per patch, and an image-level head (in the projector slot) to the teacher's proj_dim."""
+  teacher = models.make_modules(teacher_config(config))
+  student = models.make_modules(config)  # the encoder only, for method=mimco
+  m = config.model
+  num_patches = (config.image_size // student.encoder.patch_size) ** 2
+  dtype = jnp.dtype(config.dtype)
+  decoder = models.Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
+                           teacher.encoder.width, dtype)
+  head = models.MLPHead(m.proj_hidden, teacher.projector.out, 3, dtype)
+  return models.Modules(student.encoder, decoder, head, None), teacher
+
+
+def make_train_step(config, modules: models.Modules, teacher: models.Modules,
+                    tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
+  enc, dec, head, _ = modules
+  num_patches = (config.image_size // enc.patch_size) ** 2
+  keep = presets.num_visible(num_patches, config.mask_ratio_strong)
+  teacher_pool = config.teacher.spec.model.pool
+  mc = config.mimco
+
+  def teacher_targets(variables, x):
+    """The teacher on the whole view: its patch tokens and its projected pooled feature."""
+    tokens = teacher.encoder.apply({'params': variables['params']['encoder']}, x)
+    image = teacher.projector.apply(
+        {'params': variables['params']['projector'],
+         'batch_stats': variables['batch_stats']['projector']},
+        models.pool(tokens, teacher_pool), train=False)
+    return jax.lax.stop_gradient(tokens[:, 1:]), jax.lax.stop_gradient(image)
+
+  def loss_fn(params, batch_stats, x, mask, targets, rng):
+    t_patch, t_image = targets
+    z = enc.apply({'params': params['encoder']}, x, mask.ids_keep, train=True,
+                  rngs={'dropout': rng})
+    pred = dec.apply({'params': params['decoder']}, z, mask.ids_restore)
+    ids_masked = jnp.argsort(mask.ids_restore, axis=1)[:, keep:]  # ids_shuffle's masked part
+    l_patch, acc_patch = losses.patch_infonce(pred, t_patch, ids_masked, mc.tau_patch,
+                                              mc.patch_negatives)
+    q, up = head.apply({'params': params['projector'], 'batch_stats': batch_stats['projector']},
+                       models.pool(z, config.model.pool), mutable=['batch_stats'])
+    l_img, acc_img = losses.infonce(q, t_image, mc.tau_img)
+    l_img = l_img / (2 * mc.tau_img)  # plain InfoNCE, like the patch term
+    total = l_patch + mc.lambda_img * l_img
+    terms = dict(loss=total, loss_patch=l_patch, loss_img=l_img, patch_acc=acc_patch,
+                 img_acc=acc_img)
+    return total, (terms, {'projector': up['batch_stats']})
+
+  def train_step(state: dict[str, Any], batch: dict) -> tuple[dict, dict]:
+    step = state['step']
+    rng = jax.random.fold_in(state['rng'], step)
+    x = batch['view1']
+    mask = models.random_masking(jax.random.fold_in(rng, 0), x.shape[0], num_patches,
+                                 config.mask_ratio_strong)
+    targets = teacher_targets(state['teacher'], x)
+    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+        state['params'], state['batch_stats'], x, mask, targets, jax.random.fold_in(rng, 100))
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = dict(state, step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    metrics = dict(terms, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   lr=lr_fn(step))
+    return new, metrics
+
+  return train_step
