@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from conftest import override  # noqa: E402
 from macrl_jax import input_pipeline, presets  # noqa: E402
 from macrl_jax.datasets import CorruptImageError  # noqa: E402
 from macrl_jax.datasets.imagenet100 import CLASS_NAMES  # noqa: E402
@@ -42,13 +43,7 @@ def make_config(dataset='digits', data_dir=None, **overrides):
   c.dataset = dataset
   c.data_dir = data_dir
   c.batch_size = 8
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def identity_views(c):
