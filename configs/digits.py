@@ -3,9 +3,9 @@
   python main.py                                  # = --config=configs/digits.py (method macrl)
   python main.py --config=configs/digits.py:method=mae --workdir=workdirs/digits_mae
 
-Needs no download. A small ViT (width 128, 4 blocks, patch 4 → 16 tokens) trains for 500 steps of
-batch 256 on a 2-core CPU in about 3 minutes; expected kNN top-1 on the test split: see README
-("Results"), well above the randomly initialised encoder's.
+Needs no download. A small ViT (width 128, 4 blocks, patch 4 → 16 tokens) trains for 250 steps of
+batch 256 (44 epochs) on a 2-core CPU in about 3–4 minutes; expected kNN top-1 on the test split
+about 0.87 (the randomly initialised encoder: 0.68; README "Results").
 """
 
 from macrl_jax import presets
@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.num_classes = 10
   c.image_size = 16
   c.batch_size = 256
-  c.total_steps = 500
+  c.total_steps = 250
   c.model.variant = 'mu/4'
   c.model.width = 128
   c.model.num_heads = 4
@@ -29,9 +29,9 @@ def get_config(arg=None):
   c.model.pred_hidden = 512
   c.model.proj_dim = 128
   c.optim.base_lr = 1e-3
-  c.optim.warmup_steps = 50
+  c.optim.warmup_steps = 25
   c.log_every_steps = 50
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 125
+  c.checkpoint_every_steps = 125
   c.knn.eval_batch_size = 360
   return presets.configure(c, arg)

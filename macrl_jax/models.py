@@ -96,15 +96,23 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    # Dropout broadcast over tokens and channels drops the whole residual branch per example.
-    drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+  def __call__(self, x, train: bool = False, drop_path=None):
+    # `drop_path` overrides the field: under nn.scan each layer's rate arrives as an array.
+    rate = self.drop_path if drop_path is None else drop_path
     y = Attention(self.num_heads, self.dtype, name='attn')(nn.LayerNorm(dtype=self.dtype)(x))
-    x = x + drop(y)
+    x = x + self.drop(y, rate, train)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = _dense(self.mlp_dim, self.dtype, 'mlp_in')(y)
     y = _dense(x.shape[-1], self.dtype, 'mlp_out')(nn.gelu(y, approximate=False))
-    return x + drop(y)
+    return x + self.drop(y, rate, train)
+
+  def drop(self, y, rate, train: bool):
+    """Drops the whole residual branch per example (stochastic depth), rescaling the kept ones."""
+    if not train or (isinstance(rate, float) and rate == 0.0):
+      return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, 0.0).astype(y.dtype)
 
 
 class Transformer(nn.Module):
@@ -114,14 +122,32 @@ class Transformer(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
-    for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)  # linearly increasing (DeiT)
-      x = block(self.num_heads, self.mlp_dim, rate, self.dtype, name=f'block{i:02d}')(x, train)
+    rates = [self.drop_path * i / max(self.depth - 1, 1) for i in range(self.depth)]  # DeiT: linear
+    if self.scan:
+      x = self.scanned(block, x, rates, train)
+    else:
+      for i, rate in enumerate(rates):
+        x = block(self.num_heads, self.mlp_dim, rate, self.dtype, name=f'block{i:02d}')(x, train)
     return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+
+  def scanned(self, block, x, rates, train: bool):
+    """The blocks as one nn.scan: one block is traced and compiled, then run `depth` times over
+    parameters stacked on a leading axis ('blocks': {...: [depth, ...]}), each layer with its rate."""
+    use_rates = train and self.drop_path > 0
+
+    def body(module, x, rate):
+      return module(x, train, rate if use_rates else None), None
+
+    scan = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                   length=self.depth)
+    x, _ = scan(block(self.num_heads, self.mlp_dim, 0.0, self.dtype, name='blocks'), x,
+                jnp.asarray(rates, jnp.float32))
+    return x
 
 
 # --------------------------------------------------------------------------------------- models
@@ -138,6 +164,7 @@ class Encoder(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  scan: bool = False
 
   @nn.compact
   def __call__(self, images, ids_keep=None, train: bool = False):
@@ -153,7 +180,7 @@ class Encoder(nn.Module):
     cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype), x], 1)
     x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.drop_path, self.dtype,
-                    self.remat, name='transformer')(x, train)
+                    self.remat, self.scan, name='transformer')(x, train)
     return x.astype(jnp.float32)
 
 
@@ -170,6 +197,7 @@ class Decoder(nn.Module):
   num_heads: int
   out_dim: int
   dtype: Dtype = jnp.float32
+  scan: bool = False
 
   @nn.compact
   def __call__(self, tokens, ids_restore=None):
@@ -183,7 +211,7 @@ class Decoder(nn.Module):
     grid = int(round(np.sqrt(self.num_patches)))
     x = jnp.concatenate([cls, vis + sincos_2d(self.width, grid)[None]], 1)
     x = Transformer(self.depth, self.num_heads, 4 * self.width, 0.0, self.dtype,
-                    name='transformer')(x)
+                    scan=self.scan, name='transformer')(x)
     return _dense(self.out_dim, self.dtype, 'pred')(x[:, 1:]).astype(jnp.float32)
 
 
@@ -222,12 +250,12 @@ def make_modules(config) -> Modules:
   dtype = jnp.dtype(config.dtype)
   m = config.model
   encoder = Encoder(dims['patch_size'], dims['width'], dims['depth'], dims['num_heads'],
-                    dims['mlp_dim'], m.drop_path, dtype, m.remat)
+                    dims['mlp_dim'], m.drop_path, dtype, m.remat, m.scan)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   decoder = projector = predictor = None
   if presets.uses_reconstruction(config):
     decoder = Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
-                      dims['patch_size'] ** 2 * 3, dtype)
+                      dims['patch_size'] ** 2 * 3, dtype, m.scan)
   if presets.uses_contrastive(config):
     projector = MLPHead(m.proj_hidden, m.proj_dim, 3, dtype)
     predictor = MLPHead(m.pred_hidden, m.proj_dim, 2, dtype)

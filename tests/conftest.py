@@ -4,7 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# A long collective timeout: on a loaded 2-core machine one of the 8 device threads can be starved
+# past XLA's default 40 s rendezvous limit, which aborts the whole process.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_cpu_collective_call_terminate_timeout_seconds=600')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Many tests compile the same tiny step: share compiled programs across tests and subprocesses.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/macrl_jax_test_jax_cache')
@@ -12,11 +15,15 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+MAIN = str(REPO / 'main.py')
 
 
 def tiny_config(method: str = 'macrl', **overrides):
@@ -100,6 +107,15 @@ def without_gradient_free(tree, method):
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def load_config(name, arg=None):
+  """configs/<name>.py's get_config(arg), as `--config=configs/<name>.py:<arg>` loads it."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def digits_config(data_dir: str, method: str = 'macrl', **overrides):
   """tiny_config on the real digits data, with the program's fields set for short runs."""
   c = tiny_config(method, dataset='digits', data_dir=data_dir, num_classes=10, batch_size=32,
@@ -118,6 +134,22 @@ def digits_dir(tmp_path_factory):
   c.data_dir = data_dir
   input_pipeline.get_builder(c)
   return data_dir
+
+
+@pytest.fixture(scope='session')
+def default_run(tmp_path_factory):
+  """`python main.py` exactly as a new user types it: no flags, one CPU device, fresh data dir.
+
+  Session-scoped, so that test_train.py and test_tools.py share one run (a few minutes).
+  """
+  cwd = tmp_path_factory.mktemp('new_user')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['TFDS_DATA_DIR'] = str(cwd / 'tensorflow_datasets')
+  start = time.time()
+  proc = subprocess.run([sys.executable, MAIN], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=900)
+  return dict(proc=proc, seconds=time.time() - start, workdir=cwd / 'workdirs' / 'digits_macrl',
+              data_dir=env['TFDS_DATA_DIR'])
 
 
 def pytest_configure(config):

@@ -30,6 +30,10 @@ def main(port, process_id, out_dir, data_dir):
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
   assert jax.device_count() == 4 and jax.local_device_count() == 2
+  # Gloo sets up its context at the first collective and gives the other process 30 s to arrive;
+  # do it now, while both processes are in step, rather than after compiles of uneven length.
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices('gloo warm-up')
 
   from macrl_jax import checkpoint, sharding, train, train_step
   config = tiny_config('macrl', batch_size=8, queue_size=32)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import stack_blocks
 from macrl_jax import models, presets
 
 
@@ -114,3 +115,37 @@ def test_variants():
     c.model.variant = variant
     dims = presets.vit_dims(c.model)
     assert dims['width'] == width and dims['patch_size'] == int(variant.split('/')[1])
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_blocks_compute_the_same_as_the_loop(remat):
+  kw = dict(patch_size=4, width=32, depth=3, num_heads=2, mlp_dim=64, drop_path=0.2, remat=remat)
+  loop, scanned = models.Encoder(**kw), models.Encoder(**kw, scan=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  params = loop.init(jax.random.PRNGKey(1), x)['params']
+  stacked = scanned.init(jax.random.PRNGKey(1), x)['params']
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, stack_blocks(params))
+  assert stacked['transformer']['blocks']['mlp_in']['kernel'].shape == (3, 32, 64)
+  ids = models.random_masking(jax.random.PRNGKey(2), 4, 16, 0.5).ids_keep
+  np.testing.assert_allclose(scanned.apply({'params': stack_blocks(params)}, x, ids),
+                             loop.apply({'params': params}, x, ids), atol=1e-5)
+
+
+def test_scanned_drop_path_increases_per_layer():
+  """Under scan each layer gets its own rate: 0 for the first block, drop_path (0.5) for the last."""
+  enc = models.Encoder(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, drop_path=0.5,
+                       scan=True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 3))
+  params = enc.init(jax.random.PRNGKey(1), x)['params']
+  last_off = lambda p: jax.tree.map(lambda w: w.at[-1].set(0.0), p)  # the last block's entry zeroed
+  blocks = params['transformer']['blocks']
+  no_attn = dict(blocks, attn=dict(blocks['attn'], out=last_off(blocks['attn']['out'])))
+  no_branch = dict(no_attn, mlp_out=last_off(blocks['mlp_out']))
+  with_blocks = lambda b: dict(params, transformer=dict(params['transformer'], blocks=b))
+  run = lambda b, **kw: np.asarray(enc.apply({'params': with_blocks(b)}, x, **kw))
+  rngs = {'dropout': jax.random.PRNGKey(3)}
+  # Only block 0's branches left: training equals evaluation, so block 0 never drops.
+  np.testing.assert_allclose(run(no_branch, train=True, rngs=rngs), run(no_branch), atol=1e-5)
+  # Only the last block's MLP branch added: about half of the examples lose it.
+  dropped = np.abs(run(no_attn, train=True, rngs=rngs) - run(no_branch)).max(axis=(1, 2)) < 1e-5
+  assert 0.25 < dropped.mean() < 0.75, dropped.mean()

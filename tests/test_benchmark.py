@@ -1,0 +1,38 @@
+"""tools/benchmark.py runs the real step on synthetic batches without TensorFlow, and reports."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+TINY = '''
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+
+def get_config():
+  return tiny_config('macrl', queue_size=64)
+'''
+
+
+def test_synthetic_benchmark_reports_without_tensorflow(tmp_path):
+  (tmp_path / 'tiny.py').write_text(TINY.format(tests=str(REPO / 'tests')))
+  # A `tensorflow` package that fails to import: --synthetic must not need it.
+  (tmp_path / 'tensorflow').mkdir()
+  (tmp_path / 'tensorflow' / '__init__.py').write_text('raise ImportError("no TensorFlow here")')
+  env = dict(os.environ, PYTHONPATH=str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, str(REPO / 'tools' / 'benchmark.py'), f'--config={tmp_path / "tiny.py"}',
+       '--synthetic', '--steps=2', '--warmup=1', '--parts', '--peak_size=256'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  for key in ('compile_s', 'step_ms', 'images_per_sec', 'flops_per_step', 'xla_flops_per_step',
+              'peak_flops', 'mfu'):
+    assert result[key] > 0, key
+  # XLA counts all ops, and on 8 devices the replicated work (the optimizer update) 8 times.
+  assert 1.0 < result['flops_ratio_xla_over_analytic'] < 1.5
+  assert set(result['part_ms']) == {'online_encoder', 'momentum_encoder', 'decoder', 'heads'}
+  assert abs(sum(result['breakdown'].values()) - 1.0) < 1e-3

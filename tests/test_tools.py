@@ -1,0 +1,382 @@
+"""The evaluation tools (SPEC §2): restoring workdirs, features, kNN, linear probe, fine-tuning and
+reconstruction pictures.
+
+Fast tests run the tools on a tiny in-test pre-training run (40 steps on digits) and check the
+protocols against independent references (scikit-learn's kNN, separable synthetic features). The
+slow ones use the real default run (`python main.py`, the `default_run` fixture of conftest.py)
+and a short pre-training on tiny-imagenet-10.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, SHARED_DATA, digits_config, load_config, override
+from macrl_jax import checkpoint, evaluation, finetune, input_pipeline, probe, restore, train
+
+TINY_IMAGENET_10 = SHARED_DATA / 'tiny-imagenet-10'
+
+
+def run_tool(name, *args, timeout=600):
+  proc = subprocess.run([sys.executable, str(REPO / 'tools' / f'{name}.py'), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+  return proc
+
+
+def check_ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------------- tiny runs
+@pytest.fixture(scope='module')
+def macrl_run(digits_dir, tmp_path_factory):
+  """40 steps of macrl on digits (checkpoints at 20, 40) and the kNN top-1 its monitor logged."""
+  workdir = str(tmp_path_factory.mktemp('tools') / 'macrl')
+  config = digits_config(digits_dir, total_steps=40, log_every_steps=40, eval_every_steps=40,
+                         checkpoint_every_steps=20)
+  result = train.train_and_evaluate(config, workdir)
+  return dict(workdir=workdir, knn_top1=result['knn_top1'], config=config)
+
+
+@pytest.fixture(scope='module')
+def mae_run(digits_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('tools') / 'mae')
+  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=2), workdir)
+  return workdir
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_path):
+  missing = tmp_path / 'missing'
+  with pytest.raises(restore.WorkdirError, match=r'does not exist; pre-train first with python '
+                     r'main.py --workdir='):
+    restore.load_workdir(str(missing))
+
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(restore.WorkdirError, match='has no config.json'):
+    restore.load_workdir(str(tmp_path / 'empty'))
+
+  # A run that died before its first checkpoint: config.json only.
+  os.makedirs(tmp_path / 'fresh')
+  shutil.copy(os.path.join(macrl_run['workdir'], 'config.json'), tmp_path / 'fresh')
+  with pytest.raises(restore.WorkdirError) as e:
+    restore.load_workdir(str(tmp_path / 'fresh'))
+  assert str(e.value) == (f'no checkpoint in {tmp_path / "fresh" / "checkpoints"}; pre-train '
+                          f'first with python main.py --workdir={tmp_path / "fresh"} ...')
+  assert not os.path.exists(tmp_path / 'fresh' / 'checkpoints'), 'a tool must not create it'
+
+  with pytest.raises(restore.WorkdirError, match=r'no checkpoint at step 7 .*available steps: '
+                     r'\[20, 40\]'):
+    restore.load_workdir(macrl_run['workdir'], step=7)
+
+  with pytest.raises(restore.WorkdirError, match='method=mae has no momentum encoder'):
+    restore.load_workdir(mae_run, params='momentum')
+
+  # The command line prints the message, not a traceback, and exits with status 1.
+  proc = run_tool('linear_probe', f'--workdir={macrl_run["workdir"]}', '--step=7')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'error: no checkpoint at step 7' in proc.stderr and '[20, 40]' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_visualize_refuses_a_method_without_pixel_decoder():
+  from conftest import tiny_config
+  model = restore.random_init(tiny_config('mocov3'))
+  with pytest.raises(restore.WorkdirError, match='method=mocov3 has no pixel decoder'):
+    restore.require_pixel_decoder(model)
+
+
+# ----------------------------------------------------------------------------------- restore
+def test_restore_picks_the_step_and_the_encoder(macrl_run, digits_dir):
+  latest = restore.load_workdir(macrl_run['workdir'], data_dir=digits_dir)
+  assert latest.step == 40 and latest.config.method == 'macrl'
+  assert latest.config.data_dir == digits_dir
+  assert latest.decoder_params is not None
+  early = restore.load_workdir(macrl_run['workdir'], step=20)
+  momentum = restore.load_workdir(macrl_run['workdir'], params='momentum')
+  assert early.step == 20 and momentum.params == 'momentum'
+  leaf = lambda r: np.asarray(r.encoder_params['embedding']['kernel'])
+  np.testing.assert_array_equal(leaf(momentum),
+                                np.asarray(momentum.state['ema_params']['encoder']['embedding']['kernel']))
+  assert not np.allclose(leaf(latest), leaf(early))
+  assert not np.allclose(leaf(latest), leaf(momentum))
+
+
+# ----------------------------------------------------------------------------------- kNN
+def test_knn_with_uniform_votes_equals_scikit_learn():
+  from sklearn.neighbors import KNeighborsClassifier
+  rs = np.random.RandomState(0)
+  num_classes, k = 5, 7
+  centers = rs.randn(num_classes, 16)
+  train_y, test_y = rs.randint(0, num_classes, 400), rs.randint(0, num_classes, 300)
+  train_x = (centers[train_y] + 1.5 * rs.randn(400, 16)).astype(np.float32)
+  test_x = (centers[test_y] + 1.5 * rs.randn(300, 16)).astype(np.float32)
+
+  ref = KNeighborsClassifier(n_neighbors=k, metric='cosine', weights='uniform')
+  ref.fit(train_x, train_y)
+  from macrl_jax import knn
+  scores = knn.knn_predict(train_x, train_y, test_x, num_classes, k=k, weighted=False)
+  np.testing.assert_allclose(scores / k, ref.predict_proba(test_x), atol=1e-6)
+  # Ties of the vote go to the lowest class index in both.
+  np.testing.assert_array_equal(scores.argmax(1), ref.predict(test_x))
+  result = evaluation.knn_eval(train_x, train_y, test_x, test_y, num_classes, k=k, weighted=False)
+  assert result['top1'] == ref.score(test_x, test_y)
+  assert 0.3 < result['top1'] < 1.0  # neither trivial nor chance
+  assert result['top5'] == 1.0  # 5 classes
+
+
+def test_topk_accuracy():
+  scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+  labels = np.array([1, 1, 0])
+  assert evaluation.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+  assert evaluation.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+  assert evaluation.topk_accuracy(scores, labels, 5) == 1.0
+
+
+# ----------------------------------------------------------------------------------- probe
+def separable(n_train, n_test, num_classes=10, dim=32):
+  """Train and test features of `num_classes` classes apart by a margin along random directions,
+  with a large offset and scale that the probe's BatchNorm has to remove."""
+  rs = np.random.RandomState(0)
+  directions = np.linalg.qr(rs.randn(dim, dim))[0][:num_classes]
+
+  def draw(n):
+    y = rs.randint(0, num_classes, n)
+    x = 4 * directions[y] + 0.3 * rs.randn(n, dim)
+    return (50 * x + 20).astype(np.float32), y
+
+  return draw(n_train), draw(n_test)
+
+
+def test_linear_probe_reaches_100_percent_on_separable_features():
+  (train_x, train_y), (test_x, test_y) = separable(2000, 500)
+  result = probe.linear_probe(train_x, train_y, test_x, test_y, 10, seeds=2, epochs=20)
+  assert result['top1'] >= 0.99, result
+  assert [r['seed'] for r in result['runs']] == [0, 1]
+  few = probe.linear_probe(train_x, train_y, test_x, test_y, 10, shots=5, seeds=3, epochs=50)
+  assert [r['train_examples'] for r in few['runs']] == [50] * 3
+  assert few['top1'] >= 0.95, few
+
+
+def test_few_shot_draws_n_per_class_differently_per_seed():
+  labels = np.repeat(np.arange(4), 10)
+  a, b = probe.few_shot_indices(labels, 3, 0), probe.few_shot_indices(labels, 3, 1)
+  assert np.bincount(labels[a]).tolist() == [3, 3, 3, 3]
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, probe.few_shot_indices(labels, 3, 0))
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+def test_layer_wise_lr_multipliers():
+  from macrl_jax import models
+  depth, decay = 4, 0.5
+  encoder = models.Encoder(4, 16, depth, 2, 32)
+  for scan in (False, True):
+    model = finetune.Classifier(encoder.clone(scan=scan), 10, 'mean')
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))['params']
+    m = finetune.layer_multipliers(params, depth, decay)
+    assert m['head']['kernel'] == 1.0 and m['fc_norm']['scale'] == 1.0
+    assert m['encoder']['transformer']['norm']['scale'] == 1.0
+    assert m['encoder']['embedding']['kernel'] == decay ** (depth + 1)
+    assert m['encoder']['cls'] == decay ** (depth + 1)
+    blocks = m['encoder']['transformer']
+    if scan:
+      np.testing.assert_allclose(np.ravel(blocks['blocks']['attn']['qkv']['bias']),
+                                 [decay ** (depth - i) for i in range(depth)])
+    else:
+      assert [blocks[f'block{i:02d}']['attn']['qkv']['kernel'] for i in range(depth)] == [
+          decay ** (depth - i) for i in range(depth)]
+
+
+def test_mixup_and_cutmix_mix_the_labels_as_the_pixels():
+  images = np.stack([np.full((8, 8, 3), i, np.float32) for i in range(4)])  # image i is all i
+  targets = np.eye(4, dtype=np.float32)
+  for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+    for seed in range(5):
+      x, t = (np.asarray(a) for a in finetune.mix(jax.random.PRNGKey(seed), images, targets,
+                                                   mixup, cutmix))
+      np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+      # The partner of image i is image 3 − i; each label's weight is its share of the pixels.
+      for i in range(4):
+        np.testing.assert_allclose(x[i].mean(), t[i, i] * i + t[i, 3 - i] * (3 - i), atol=1e-5)
+      if mixup == 0:  # cutmix only: every pixel comes from one of the two images
+        assert set(np.unique(x[0])) <= {0.0, 3.0}
+  x, t = finetune.mix(jax.random.PRNGKey(0), images, targets, 0.0, 0.0)
+  assert x is images and t is targets
+
+
+def test_finetune_resumes_to_the_same_state(macrl_run):
+  restored = restore.load_workdir(macrl_run['workdir'])
+  args = override(finetune.default_args(), dict(epochs=0.36, batch_size=64,
+                                                checkpoint_every_steps=4, log_every_steps=4))
+  full = finetune.finetune(restored, args, 'ft_resume')  # 1437 // 64 = 22 steps/epoch · 0.36 → 8
+  assert full['step'] == full['total_steps'] == 8
+  assert 0.0 <= full['top1'] <= 1.0
+  ft_dir = os.path.join(macrl_run['workdir'], 'ft_resume')
+  assert restore.available_steps(ft_dir) == [4, 8]
+  abstract = finetune.Finetuner(restored, args, 1437).abstract_state
+
+  def final_state():
+    mngr = checkpoint.manager(ft_dir)
+    state, _ = checkpoint.restore_latest(mngr, abstract)
+    mngr.close()
+    return jax.device_get(state)
+
+  before = final_state()
+  shutil.rmtree(os.path.join(ft_dir, 'checkpoints', '8'))  # as if it died after step 4's save
+  again = finetune.finetune(restored, args, 'ft_resume')
+  assert again['top1'] == full['top1']
+  jax.tree.map(np.testing.assert_array_equal, final_state(), before)
+
+  # Other arguments in the same folder: an error, not a silently mixed run.
+  with pytest.raises(restore.WorkdirError, match=r'other arguments \(base_lr=0.001\)'):
+    finetune.finetune(restored, override(args, {'base_lr': 0.01}), 'ft_resume')
+
+
+# ----------------------------------------------------------------------------------- the tools
+def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
+  """The command lines, in the order a user would run them, and what each writes."""
+  workdir = macrl_run['workdir']
+  common = [f'--workdir={workdir}', f'--data_dir={digits_dir}']
+  evaldir = os.path.join(workdir, 'eval')
+
+  out = check_ok(run_tool('extract_features', *common, '--split=test'))
+  assert '360 features of dimension 64' in out
+  features = read_json(os.path.join(evaldir, 'extract_features.json'))
+  assert features['step'] == 40 and features['num_examples'] == 360
+  feats, labels = evaluation.load_features(features['out'])
+  assert feats.shape == (360, 64) and np.isfinite(feats).all()
+  # Every example once, in order, although 360 is not a multiple of the 8-device eval batch.
+  config = restore.load_config(workdir)
+  batch = next(input_pipeline.create_eval_iterator(config, 'test', batch_size=360,
+                                                   process_index=0, process_count=1))
+  np.testing.assert_array_equal(labels, batch['label'])
+
+  # kNN on the same protocol as the pre-training monitor gives the monitor's figure.
+  check_ok(run_tool('knn_eval', *common))
+  knn_result = read_json(os.path.join(evaldir, 'knn.json'))
+  assert knn_result['top1'] == pytest.approx(macrl_run['knn_top1'], abs=1e-6)
+  assert knn_result['step'] == 40 and knn_result['top5'] >= knn_result['top1']
+  assert os.path.exists(os.path.join(evaldir, 'features', 'train_cls_online_step40.npz'))
+
+  # ... and from the .npz files of extract_features.py.
+  check_ok(run_tool('extract_features', *common, '--split=train', '--out=' + str(
+      os.path.join(evaldir, 'train.npz'))))
+  check_ok(run_tool('knn_eval', '--train_features=' + os.path.join(evaldir, 'train.npz'),
+                    '--test_features=' + features['out'], f'--workdir={workdir}'))
+  assert read_json(os.path.join(evaldir, 'knn.json'))['top1'] == knn_result['top1']
+
+  out = check_ok(run_tool('linear_probe', *common, '--seeds=2', '--epochs=30', '--step=20'))
+  assert 'Linear probe (2 seeds, step 20): top-1' in out
+  lp = read_json(os.path.join(evaldir, 'linear_probe.json'))
+  assert lp['step'] == 20 and len(lp['runs']) == 2 and lp['top1'] > 0.3
+  assert lp['command'].startswith('tools/linear_probe.py --workdir=')
+  check_ok(run_tool('linear_probe', *common, '--shots=5', '--seeds=2', '--epochs=30'))
+  few = read_json(os.path.join(evaldir, 'linear_probe_5shot.json'))
+  assert [r['train_examples'] for r in few['runs']] == [50, 50]
+
+  out = check_ok(run_tool('visualize', *common, '--num=4'))
+  vis = read_json(os.path.join(evaldir, 'visualize.json'))
+  assert sorted(vis['branches']) == ['view1', 'view2']
+  png = vis['branches']['view1']['png']
+  picture = np.asarray(Image.open(png))
+  assert picture.shape == (4 * 16 * 4, 4 * 16 * 4, 3)  # 4 rows × 4 panels of 16 px, shown ×4
+
+  out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64'))
+  ft = read_json(os.path.join(evaldir, 'finetune.json'))
+  assert ft['step'] == ft['total_steps'] == 2 and ft['pretrain_step'] == 40 and 'top1' in ft
+  assert os.path.isdir(os.path.join(workdir, 'finetune', 'checkpoints', '2'))
+  out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64', '--from_scratch'))
+  scratch = read_json(os.path.join(evaldir, 'finetune_scratch.json'))
+  assert scratch['args']['layer_decay'] == 1.0 and scratch['args']['from_scratch']
+
+
+def png_panel_mse(path):
+  """MSE of the masked and reconstruction panels against the original, read from the PNG."""
+  panels = np.split(np.asarray(Image.open(path), np.float64) / 255, 4, axis=1)
+  return [float(((p - panels[0]) ** 2).mean()) for p in panels[1:3]]
+
+
+def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digits_dir, tmp_path):
+  workdir = str(tmp_path / 'mae')
+  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=200, log_every_steps=100,
+                                         checkpoint_every_steps=200, eval_every_steps=200), workdir)
+  mse = {}
+  for name, wd in (('trained', workdir), ('untrained', mae_run)):  # 200 steps vs 2
+    check_ok(run_tool('visualize', f'--workdir={wd}', '--num=16'))
+    branch = read_json(os.path.join(wd, 'eval', 'visualize.json'))['branches']['view1']
+    mse[name] = png_panel_mse(branch['png'])
+    assert branch['mse_masked'] == pytest.approx(mse[name][0], rel=1e-6)
+  print('MSE (masked, reconstruction):', mse)
+  masked, reconstructed = mse['trained']
+  assert reconstructed < 0.7 * masked, mse
+  # The pictures map predictions back with each original patch's mean and std (norm_pix_loss, as
+  # MAE's figures), which alone beats the masked panel; training must do better than that too.
+  assert reconstructed < 0.95 * mse['untrained'][1], mse
+
+
+# ----------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_pretrained_encoder_beats_random_init_on_digits(default_run):
+  assert default_run['proc'].returncode == 0, default_run['proc'].stderr[-3000:]
+  pretrained = restore.load_workdir(str(default_run['workdir']), data_dir=default_run['data_dir'])
+  random = restore.random_init(pretrained.config)
+  figures = {}
+  for name, model in (('pretrained', pretrained), ('random', random)):
+    c = model.config
+    (train_f, train_y), (test_f, test_y) = (evaluation.split_features(model, s)
+                                            for s in (c.train_split, c.test_split))
+    figures[name] = dict(
+        knn=evaluation.knn_eval(train_f, train_y, test_f, test_y, c.num_classes)['top1'],
+        probe=probe.linear_probe(train_f, train_y, test_f, test_y, c.num_classes, seeds=3)['top1'])
+  print('digits default run, top-1:', figures)
+  assert figures['pretrained']['knn'] > figures['random']['knn'] + 0.05, figures
+  assert figures['pretrained']['probe'] > figures['random']['probe'] + 0.03, figures
+
+
+# Pre-training and fine-tuning budgets of the tiny-imagenet-10 comparison: a ViT of width 64 and 4
+# blocks on 32 px images (patch 4, 64 tokens), 600 macrl steps of batch 128 (~15 epochs), then 5
+# epochs of fine-tuning from the checkpoint and from random init. Measured (top-1 on the 500
+# validation images, checkpoint vs random init): 36.4 vs 33.6 % at 5 epochs, 39.8 vs 37.6 % at 10,
+# 30.6 vs 29.0 % at 3 (34.8 vs 33.4 % with base_lr 2e-3); the checkpoint's linear probe: 40.5 %.
+# The gap is real but small: 15 epochs of pre-training on 5,000 images is far from converged.
+TIN10_PRETRAIN = {
+    'num_classes': 10, 'image_size': 32, 'model.variant': 'mu/4', 'model.decoder_width': 64,
+    'model.decoder_depth': 2, 'model.decoder_heads': 2, 'model.proj_hidden': 256,
+    'model.pred_hidden': 256, 'model.proj_dim': 64, 'batch_size': 128, 'total_steps': 600,
+    'optim.base_lr': 1.5e-3, 'optim.warmup_steps': 60, 'log_every_steps': 50,
+    'eval_every_steps': 600, 'checkpoint_every_steps': 600, 'knn.eval_batch_size': 256}
+TIN10_FINETUNE = {'epochs': 5.0, 'warmup_epochs': 1.0, 'batch_size': 128, 'log_every_steps': 100}
+
+
+@pytest.mark.slow
+def test_finetuning_a_checkpoint_beats_random_init_on_tiny_imagenet_10(tmp_path):
+  if not TINY_IMAGENET_10.is_dir():
+    pytest.skip(f'{TINY_IMAGENET_10} is absent')
+  config = override(load_config('tiny_imagenet', 'method=macrl'),
+                    dict(TIN10_PRETRAIN, manual_dir=str(TINY_IMAGENET_10),
+                         data_dir=str(tmp_path / 'tfds')))
+  workdir = str(tmp_path / 'tin10')
+  knn_top1 = train.train_and_evaluate(config, workdir)['knn_top1']
+  restored = restore.load_workdir(workdir)
+  args = override(finetune.default_args(), TIN10_FINETUNE)
+  pretrained = finetune.finetune(restored, args, 'finetune')
+  scratch_args = override(finetune.default_args(), dict(TIN10_FINETUNE, from_scratch=True,
+                                                        layer_decay=1.0))
+  scratch = finetune.finetune(restored, scratch_args, 'finetune_scratch')
+  print(f'tiny-imagenet-10: kNN {knn_top1:.3f}; fine-tuned top-1 {pretrained["top1"]:.3f} from '
+        f'the checkpoint, {scratch["top1"]:.3f} from random init')
+  assert pretrained['top1'] > scratch['top1'], (pretrained, scratch)

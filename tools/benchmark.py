@@ -1,0 +1,358 @@
+"""Speed of the real train step: compile time, step time, images/s, FLOPs, MFU, and where it goes.
+
+  python tools/benchmark.py --config=configs/cifar100.py --synthetic --config.batch_size=64
+  python tools/benchmark.py --config=configs/cifar100.py:method=mae --synthetic --parts
+  python tools/benchmark.py --config=configs/tiny_imagenet.py \
+      --config.manual_dir=../shared/data/tiny-imagenet-10 --config.num_classes=10   # real input
+
+The step is `train_step.Trainer(config, sharding.make_mesh()).step` (every branch, the EMA update,
+the queue), compiled ahead of time so that its compile time and XLA's cost analysis can be read.
+`--synthetic` feeds one device-resident random batch (TensorFlow is not imported); otherwise the
+input pipeline feeds the step through `prefetch.prefetch_to_mesh`, and its rate alone is reported too.
+
+Figures:
+- step_ms: median over --steps steps after --warmup, each timed to `block_until_ready` of the state.
+- flops_per_step: analytic model FLOPs (macrl_jax/flops.py, matmuls only); XLA's count of the
+  compiled step (cost_analysis, all ops, × devices) beside it, with their ratio (about 1.02 for
+  ViT-S; with model.scan XLA counts the scanned block once, so its figure is far lower).
+- peak_flops: on CPU, a dense float32 matmul (--peak_size², 2048² by default, jitted) run in this
+  process before, between and after the timed steps, the fastest of them; on GPU/TPU the vendor's dense bf16 peak for
+  the device kind, with the measured bf16 matmul (8192²) beside it.
+- mfu = flops_per_step / median step time / peak_flops (mfu_best_step: the fastest step).
+- step_cpu_s: the median CPU seconds (all threads of this process) of a step: other processes on a
+  shared CPU change it much less than the wall time, so it is the figure to compare two variants by
+  on a busy machine (the thread pools' spin-waiting counts too, so it is not a FLOP count).
+- breakdown: each part's share of the analytic FLOPs; with --parts also each part's time, compiled
+  and timed on its own (online encoder fwd+bwd, momentum encoder fwd, decoder fwd+bwd, heads fwd+bwd).
+- peak memory: the device's peak where the backend reports it, else the process's peak RSS (host).
+Prints a table, then one JSON object as the last line of stdout.
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from macrl_jax import flops as flops_lib  # noqa: E402
+from macrl_jax import models, prefetch, presets, sharding, train_step  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/cifar100.py', lock_config=False)
+_SYNTHETIC = flags.DEFINE_bool('synthetic', False, 'Feed one device-resident random batch.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (the median is reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Steps before timing.')
+_PARTS = flags.DEFINE_bool('parts', False, 'Also compile and time each part of the step alone.')
+_PEAK_SIZE = flags.DEFINE_integer(
+    'peak_size', 0, 'Side of the square matmul measuring the peak (0: 2048 on CPU, 8192 else).')
+
+# Dense bf16 peak FLOP/s by device kind (first substring match; the longer names first).
+VENDOR_PEAK_BF16 = (
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
+    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
+    ('TPU v4', 275e12),
+)
+PARTS = ('online_encoder', 'momentum_encoder', 'decoder', 'heads')
+
+
+# --------------------------------------------------------------------------------------- timing
+class Timing(NamedTuple):
+  wall: float  # seconds
+  cpu: float  # CPU seconds of this process, all threads
+
+
+def timed(fn, *args):
+  """Runs fn(*args) and waits for its result; returns (result, Timing)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  out = jax.block_until_ready(fn(*args))
+  return out, Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def median_timing(fn, *args, repeats: int, warmup: int = 1) -> Timing:
+  """Median wall and CPU time of fn(*args) (fn must not donate its arguments)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = [timed(fn, *args)[1] for _ in range(repeats)]
+  return Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
+
+
+def matmul_probe(device, n: int):
+  """A jitted n×n matmul (float32 on CPU, bf16 else); returns a function that runs it once.
+
+  The benchmark runs it 10 times before the steps, after every timed step and 10 times after them,
+  so that the peak is measured in the same process and under the same load as the steps (other
+  processes on a shared CPU slow both).
+  """
+  dtype = jnp.float32 if device.platform == 'cpu' else jnp.bfloat16
+  a = jnp.asarray(np.random.RandomState(0).randn(n, n), dtype)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, a))
+  return lambda: timed(matmul, a, a)[1]
+
+
+def peak_flops(device, n: int, probes: list[Timing]) -> dict:
+  """The peak that MFU is relative to, where it comes from, and the measured matmul.
+
+  On CPU the peak is the fastest probe: under other processes' load the median underestimates what
+  the cores can do.
+  """
+  flop = 2 * n ** 3
+  dtype = 'float32' if device.platform == 'cpu' else 'bf16'
+  best = flop / min(t.wall for t in probes)
+  median = flop / statistics.median(t.wall for t in probes)
+  out = dict(measured_matmul_flops=median, measured_matmul_flops_best=best)
+  vendor = next((p for kind, p in VENDOR_PEAK_BF16 if kind in device.device_kind), None)
+  if device.platform == 'cpu' or vendor is None:
+    return dict(out, peak_flops=best, peak_source=f'measured {dtype} matmul {n}x{n}, fastest of '
+                f'{len(probes)} runs around and between the steps')
+  return dict(out, peak_flops=vendor, peak_source=f'vendor dense bf16 ({device.device_kind})')
+
+
+def peak_memory(device) -> tuple[int, str]:
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'], 'device peak_bytes_in_use'
+  # ru_maxrss is in KiB on Linux.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process peak RSS (host)'
+
+
+# --------------------------------------------------------------------------------------- batches
+def random_local_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  rs = np.random.RandomState(seed)
+  b = config.batch_size // jax.process_count()
+  shape = (b, config.image_size, config.image_size, 3)
+  batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
+  batch['label'] = rs.randint(0, config.num_classes, b).astype(np.int32)
+  return batch
+
+
+def input_only_rate(config, batches: int) -> tuple[float, object]:
+  """Images/s of the input pipeline alone; returns the (warm) iterator for the step to use."""
+  from macrl_jax import input_pipeline  # lazily: --synthetic runs without TensorFlow
+  iterator = input_pipeline.create_pretrain_iterator(config, start_step=0)
+  for _ in range(3):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  local = config.batch_size // jax.process_count()
+  return batches * local / (time.perf_counter() - start), iterator
+
+
+# --------------------------------------------------------------------------------------- the step
+def compile_step(trainer, state, batch):
+  start = time.perf_counter()
+  compiled = trainer.step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def xla_flops(compiled, num_devices: int) -> float | None:
+  """XLA's FLOPs of the whole step: its cost analysis is of the per-device (SPMD) program, so
+  work every device repeats (the update of replicated parameters) counts once per device."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops'] * num_devices if cost and 'flops' in cost else None
+
+
+def time_steps(step, state, batches, warmup: int, steps: int, probe):
+  """Timings of each step (fetching its batch included) and of a matmul probe run after each.
+
+  The state is donated to each step; we wait for the new state only at the timing boundary.
+  """
+  times, probes = [], []
+  for i in range(warmup + steps):
+    (state, metrics), t = timed(lambda s: step(s, next(batches)), state)
+    if i >= warmup:
+      times.append(t)
+      probes.append(probe())
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'the benchmarked step gave loss {loss}')
+  return times, probes, state
+
+
+def repeat(batch):
+  while True:
+    yield batch
+
+
+# --------------------------------------------------------------------------------------- parts
+def part_functions(trainer, state, batch):
+  """Each part of the step as its own function of (params, inputs): online encoder fwd+bwd, the
+  momentum encoder (+ projector) forward, decoder fwd+bwd, heads fwd+bwd, over both views."""
+  config, (enc, dec, proj, pred) = trainer.config, trainer.modules
+  n = flops_lib.num_patches(config)
+  views = [batch[f'view{v + 1}'] for v in range(config.num_views)]
+  masks = [models.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None
+           for v, r in enumerate(presets.view_mask_ratios(config))]
+  ids = [None if m is None else m.ids_keep for m in masks]
+  params = state['params']
+  square = lambda tree: sum(jnp.mean(jnp.square(x)) for x in jax.tree.leaves(tree))
+
+  def encode(p):
+    return [enc.apply({'params': p}, x, i) for x, i in zip(views, ids)]
+
+  tokens = jax.jit(encode)(params['encoder'])
+  feats = [models.pool(z, config.model.pool) for z in tokens]
+  fns = {'online_encoder': (jax.jit(jax.grad(lambda p: square(encode(p)))), (params['encoder'],))}
+  if 'ema_params' in state:
+    def momentum(ema, stats):
+      return [proj.apply({'params': ema['projector'], 'batch_stats': stats['projector']},
+                         models.pool(enc.apply({'params': ema['encoder']}, x), config.model.pool),
+                         mutable=['batch_stats'])[0] for x in views]
+    fns['momentum_encoder'] = (jax.jit(momentum), (state['ema_params'], state['ema_batch_stats']))
+  if dec is not None:
+    def decode(p, zs):
+      return square([dec.apply({'params': p}, z, m.ids_restore)
+                     for z, m in zip(zs, masks) if m is not None])
+    fns['decoder'] = (jax.jit(jax.grad(decode, argnums=(0, 1))), (params['decoder'], tokens))
+  if proj is not None:
+    def heads(p, stats, fs):
+      out = []
+      for f in fs:
+        h, _ = proj.apply({'params': p['projector'], 'batch_stats': stats['projector']}, f,
+                          mutable=['batch_stats'])
+        out.append(pred.apply({'params': p['predictor'], 'batch_stats': stats['predictor']}, h,
+                              mutable=['batch_stats'])[0])
+      return square(out)
+    head_params = {k: params[k] for k in ('projector', 'predictor')}
+    fns['heads'] = (jax.jit(jax.grad(heads, argnums=(0, 2))),
+                    (head_params, state['batch_stats'], feats))
+  return fns
+
+
+def time_parts(trainer, state, batch, repeats: int) -> dict[str, Timing]:
+  return {name: median_timing(fn, *args, repeats=repeats)
+          for name, (fn, args) in part_functions(trainer, state, batch).items()}
+
+
+# --------------------------------------------------------------------------------------- report
+def describe(config) -> dict:
+  dims = presets.vit_dims(config.model)
+  return dict(method=config.method, dataset=config.dataset, image_size=config.image_size,
+              variant=config.model.variant, width=dims['width'], depth=dims['depth'],
+              batch_size=config.batch_size, dtype=config.dtype,
+              mask_ratios=presets.view_mask_ratios(config), remat=config.model.remat,
+              scan=config.model.get('scan', False), queue_size=config.queue_size)
+
+
+def print_table(r: dict) -> None:
+  g = lambda x: f'{x / 1e9:,.1f} GFLOP'
+  rows = [
+      ('config', ', '.join(f'{k}={v}' for k, v in r['config'].items())),
+      ('devices', f'{r["num_devices"]} × {r["device_kind"]} ({r["cpu_count"]} CPUs, load '
+                  f'{r["load_avg_1m"][0]} before, {r["load_avg_1m"][1]} after)'),
+      ('input', r['input']),
+      ('compile', f'{r["compile_s"]:.1f} s'),
+      ('step', f'{r["step_ms"]:.1f} ms median (min {r["step_ms_min"]:.1f}, max '
+               f'{r["step_ms_max"]:.1f}) over {r["steps"]} steps; {r["step_cpu_s"]:.2f} CPU s'),
+      ('images/s', f'{r["images_per_sec"]:.1f}'),
+  ]
+  if r.get('input_images_per_sec') is not None:
+    rows.append(('input only', f'{r["input_images_per_sec"]:.1f} images/s'))
+  rows += [
+      ('FLOPs/step', f'{g(r["flops_per_step"])} analytic (matmuls), '
+                     f'{g(r["xla_flops_per_step"] or 0)} XLA (all ops), '
+                     f'ratio XLA/analytic {r["flops_ratio_xla_over_analytic"]}'
+                     + (' (XLA counts a loop body once: model.scan)' if r['config']['scan'] else '')),
+      ('achieved', f'{r["achieved_flops"] / 1e9:,.1f} GFLOP/s'),
+      ('peak', f'{r["peak_flops"] / 1e9:,.1f} GFLOP/s ({r["peak_source"]}); measured matmul '
+               f'{r["measured_matmul_flops"] / 1e9:,.1f} GFLOP/s median'),
+      ('MFU', f'{100 * r["mfu"]:.1f} % (median step), {100 * r["mfu_best_step"]:.1f} % (fastest)'),
+      ('peak memory', f'{r["peak_memory_bytes"] / 2**20:,.0f} MiB ({r["peak_memory_kind"]})'),
+  ]
+  for name in PARTS:
+    share = r['breakdown'][name]
+    if share:
+      extra = ''
+      if name in r['part_ms']:
+        extra = f', alone {r["part_ms"][name]:.1f} ms, {r["part_cpu_s"][name]:.2f} CPU s'
+      rows.append((f'  {name}', f'{100 * share:.1f} % of FLOPs{extra}'))
+  for name, value in rows:
+    print(f'{name:<18}{value}')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding.make_mesh()
+  device = jax.devices()[0]
+  trainer = train_step.Trainer(config, mesh)
+  state = trainer.init_state()
+
+  input_rate = None
+  if _SYNTHETIC.value:
+    batches = repeat(sharding.make_global_batch(random_local_batch(config), mesh))
+  else:
+    input_rate, iterator = input_only_rate(config, batches=max(_STEPS.value, 10))
+    batches = prefetch.prefetch_to_mesh(iterator, mesh, size=2)
+  first = next(batches)
+  compiled, compile_s = compile_step(trainer, state, first)
+  xla = xla_flops(compiled, mesh.size)
+
+  parts = {}
+  if _PARTS.value:  # before the timed steps, while `state` is not yet donated
+    parts = time_parts(trainer, state, first, repeats=5)
+
+  n = _PEAK_SIZE.value or (2048 if device.platform == 'cpu' else 8192)
+  probe = matmul_probe(device, n)
+  load_before = os.getloadavg()[0]
+  probes = [probe() for _ in range(10)]  # back to back as well: the best case of the matmul
+  times, between, state = time_steps(compiled, state, batches, _WARMUP.value, _STEPS.value, probe)
+  probes += between + [probe() for _ in range(10)]
+  walls = [t.wall for t in times]
+  step_s, step_cpu_s = statistics.median(walls), statistics.median(t.cpu for t in times)
+  analytic = flops_lib.step_flops(config)
+  total = analytic['total']
+  peak = peak_flops(device, n, probes)
+  memory, memory_kind = peak_memory(device)
+
+  result = dict(
+      compile_s=round(compile_s, 2),
+      step_ms=round(1e3 * step_s, 2),
+      step_ms_min=round(1e3 * min(walls), 2),
+      step_ms_max=round(1e3 * max(walls), 2),
+      step_cpu_s=round(step_cpu_s, 3),
+      steps=len(walls),
+      images_per_sec=round(config.batch_size / step_s, 2),
+      input='synthetic (device-resident)' if _SYNTHETIC.value else f'{config.dataset} input pipeline',
+      input_images_per_sec=None if input_rate is None else round(input_rate, 1),
+      flops_per_step=total,
+      xla_flops_per_step=xla,
+      flops_ratio_xla_over_analytic=None if not xla else round(xla / total, 3),
+      achieved_flops=total / step_s,
+      **peak,
+      mfu=round(total / step_s / peak['peak_flops'], 4),
+      mfu_best_step=round(total / min(walls) / peak['peak_flops'], 4),
+      mfu_vs_measured_matmul=round(total / step_s / peak['measured_matmul_flops'], 4),
+      breakdown={k: round(analytic[k] / total, 4) for k in PARTS},
+      part_ms={k: round(1e3 * t.wall, 2) for k, t in parts.items()},
+      part_cpu_s={k: round(t.cpu, 3) for k, t in parts.items()},
+      peak_memory_bytes=memory,
+      peak_memory_kind=memory_kind,
+      config=describe(config),
+      num_devices=mesh.size,
+      device_kind=device.device_kind,
+      cpu_count=len(os.sched_getaffinity(0)),
+      load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after the steps
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+  )
+  print_table(result)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,46 @@
+"""Frozen features of a split of the pre-training data set, to an .npz (features, labels).
+
+  python tools/extract_features.py --workdir=workdirs/digits_macrl [--step=N] [--split=test] \
+      [--pool=cls|mean] [--params=online|momentum] [--out=FILE.npz] [--data_dir=TFDS_DIR]
+
+The encoder sees the full, unmasked images (the eval preprocessing); the batch is split over all
+devices and every example of the split appears once, in the split's order. The default --out is
+DIR/eval/features/<split>_<pool>_<params>_step<N>.npz, where knn_eval.py and linear_probe.py look
+for features before extracting them again.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import flags  # noqa: E402
+
+from macrl_jax import cli, evaluation, restore  # noqa: E402
+
+cli.define_workdir_flags()
+_SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
+_POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "Feature pooling (default: the config's).")
+_OUT = flags.DEFINE_string('out', None, 'Output .npz (default: see above).')
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: knn.eval_batch_size).')
+
+
+def main():
+  restored = cli.load()
+  config = restored.config
+  split, pool = cli.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
+  feats, labels = evaluation.split_features(restored, split, pool, _BATCH.value)
+  out = os.path.abspath(_OUT.value or evaluation.features_path(restored, split, pool))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  evaluation.save_features(out, feats, labels, split=split, pool=pool, params=restored.params,
+                           step=restored.step)
+  result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
+                num_examples=int(len(labels)), dim=int(feats.shape[1]))
+  cli.report(restore.result_path(restored.workdir, 'extract_features'), result,
+             f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
+             f'{restored.params} encoder, step {restored.step}) → {out}')
+
+
+if __name__ == '__main__':
+  cli.run(main)
