@@ -5,7 +5,7 @@
 
 Needs no download. A small ViT (width 128, 4 blocks, patch 4 → 16 tokens) trains for 250 steps of
 batch 256 (44 epochs) on a 2-core CPU in about 3–4 minutes; expected kNN top-1 on the test split
-about 0.87 (the randomly initialised encoder: 0.68; README "Results").
+0.86 (the randomly initialised encoder: 0.68; README "Results").
 """
 
 from macrl_jax import presets
@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.model.proj_dim = 128
   c.optim.base_lr = 1e-3
   c.optim.warmup_steps = 25
-  c.log_every_steps = 50
+  c.log_every_steps = 25
   c.eval_every_steps = 125
   c.checkpoint_every_steps = 125
   c.knn.eval_batch_size = 360
