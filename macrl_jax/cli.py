@@ -29,8 +29,9 @@ def define_workdir_flags(params: bool = True) -> None:
 
 
 def load(**kw) -> restore.Restored:
-  return restore.load_workdir(FLAGS.workdir, FLAGS.step, FLAGS['params'].value
-                              if 'params' in FLAGS else 'online', FLAGS.data_dir, **kw)
+  """The checkpoint the workdir flags name."""
+  params = FLAGS.params if 'params' in FLAGS else 'online'
+  return restore.load_workdir(FLAGS.workdir, FLAGS.step, params, FLAGS.data_dir, **kw)
 
 
 def split_name(config, split: str) -> str:

@@ -60,7 +60,11 @@ def features_path(restored: Restored, split: str, pool: str) -> str:
 
 def cached_split_features(restored: Restored, split: str, pool: str | None = None,
                           batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """`split_features`, read from / written to `features_path` when the model has a workdir."""
+  """`split_features`, read from / written to `features_path` when the model has a workdir.
+
+  The file name identifies the checkpoint by its step: delete DIR/eval/features/ after pre-training
+  a workdir again from scratch.
+  """
   pool = pool or restored.config.model.pool
   if restored.workdir is None:
     return split_features(restored, split, pool, batch_size)

@@ -272,6 +272,21 @@ def finetune(restored: Restored, args, name: str = 'finetune') -> dict:
   batches = prefetch.prefetch_to_mesh(
       input_pipeline.create_pretrain_iterator(ft_config, start_step=start), ft.mesh)
   step, history, t0 = start, [], time.time()
+
+  def flush():
+    """Logs the mean metrics since the last flush; raises on a non-finite loss (before a save)."""
+    nonlocal history, t0
+    if not history:
+      return
+    record = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
+    if not np.isfinite(record['loss']):
+      raise FloatingPointError(f'non-finite fine-tuning loss before step {step}: {record}; lower '
+                               f'--base_lr')
+    record.update(step=step, images_per_sec=len(history) * args.batch_size / (time.time() - t0))
+    log.write(record)
+    logging.info('fine-tune step %d/%d: %s', step, ft.total_steps, record)
+    history, t0 = [], time.time()
+
   with train._Preemption() as preemption:  # noqa: SLF001 - the train program's SIGTERM flag
     while step < ft.total_steps:
       state, metrics = ft.step(state, next(batches))
@@ -283,16 +298,10 @@ def finetune(restored: Restored, args, name: str = 'finetune') -> dict:
       history.append(metrics)
       last = step == ft.total_steps
       if step % args.log_every_steps == 0 or last:
-        record = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
-        if not np.isfinite(record['loss']):
-          raise FloatingPointError(f'non-finite fine-tuning loss at step {step}: {record}; lower '
-                                   f'--base_lr')
-        record.update(step=step, images_per_sec=len(history) * args.batch_size / (time.time() - t0))
-        log.write(record)
-        logging.info('fine-tune step %d/%d: %s', step, ft.total_steps, record)
-        history, t0 = [], time.time()
+        flush()
       stop = preemption.requested or mngr.reached_preemption(step)
       if step % args.checkpoint_every_steps == 0 or last or stop:
+        flush()
         checkpoint.save(mngr, step, state, dict(meta, data_position=step))
       if stop:
         logging.warning('Stopped by preemption at fine-tuning step %d; rerun to resume.', step)

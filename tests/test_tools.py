@@ -343,8 +343,10 @@ def test_pretrained_encoder_beats_random_init_on_digits(default_run):
         knn=evaluation.knn_eval(train_f, train_y, test_f, test_y, c.num_classes)['top1'],
         probe=probe.linear_probe(train_f, train_y, test_f, test_y, c.num_classes, seeds=3)['top1'])
   print('digits default run, top-1:', figures)
-  assert figures['pretrained']['knn'] > figures['random']['knn'] + 0.05, figures
-  assert figures['pretrained']['probe'] > figures['random']['probe'] + 0.03, figures
+  # Measured: kNN 86.1 vs 68.3 %, linear probe 92.9 vs 89.6 % (a linear layer on the features of
+  # a random ViT already separates 8×8 digits well, so the probe's margin is the smaller one).
+  assert figures['pretrained']['knn'] > figures['random']['knn'] + 0.10, figures
+  assert figures['pretrained']['probe'] > figures['random']['probe'] + 0.02, figures
 
 
 # Pre-training and fine-tuning budgets of the tiny-imagenet-10 comparison: a ViT of width 64 and 4

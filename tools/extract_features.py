@@ -1,4 +1,4 @@
-"""Frozen features of a split of the pre-training data set, to an .npz (features, labels).
+r"""Frozen features of a split of the pre-training data set, to an .npz (features, labels).
 
   python tools/extract_features.py --workdir=workdirs/digits_macrl [--step=N] [--split=test] \
       [--pool=cls|mean] [--params=online|momentum] [--out=FILE.npz] [--data_dir=TFDS_DIR]

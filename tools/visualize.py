@@ -1,4 +1,4 @@
-"""Reconstruction pictures (SPEC §2): one PNG per masked branch, a row per test image, four panels:
+r"""Reconstruction pictures (SPEC §2): one PNG per masked branch, a row per test image, four panels:
 original | masked input | reconstruction | reconstruction with the visible patches pasted back.
 
   python tools/visualize.py --workdir=workdirs/digits_macrl [--num=8] [--mask_ratio=0.75] \
@@ -60,13 +60,13 @@ def main():
                                    jax.random.PRNGKey(_SEED.value + b), config.norm_pix_loss)
     picture = reconstruction.grid(panels, input_pipeline.MEAN, input_pipeline.STD)
     mse = panel_mse(picture)
-    path = restore.result_path(restored.workdir, f'reconstruction_{branch}_step{restored.step}')
-    path = path[:-len('.json')] + '.png'
+    path = os.path.join(restored.workdir, 'eval',
+                        f'reconstruction_{branch}_step{restored.step}.png')
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       Image.fromarray(picture).resize(
           (picture.shape[1] * _SCALE.value, picture.shape[0] * _SCALE.value),
-          Image.NEAREST).save(path)
+          Image.Resampling.NEAREST).save(path)
     result['branches'][branch] = dict(png=path, mask_ratio=ratio, mse_masked=mse[1],
                                       mse_reconstruction=mse[2], mse_reconstruction_visible=mse[3])
   lines = [f'{k} (mask {v["mask_ratio"]:g}): {v["png"]}  MSE vs original: masked '
