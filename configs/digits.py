@@ -4,8 +4,8 @@
   python main.py --config=configs/digits.py:method=mae --workdir=workdirs/digits_mae
 
 Needs no download. A small ViT (width 128, 4 blocks, patch 4 → 16 tokens) trains for 250 steps of
-batch 256 (44 epochs) on a 2-core CPU in about 3–4 minutes; expected kNN top-1 on the test split
-0.86 (the randomly initialised encoder: 0.68; README "Results").
+batch 256 (44 epochs) on a 2-core CPU in about 2.5 minutes; expected kNN top-1 on the test split
+0.861, linear probe 0.931 (the randomly initialised encoder: 0.683 and 0.897; README "Results").
 """
 
 from macrl_jax import presets

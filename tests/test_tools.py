@@ -382,3 +382,40 @@ def test_finetuning_a_checkpoint_beats_random_init_on_tiny_imagenet_10(tmp_path)
   print(f'tiny-imagenet-10: kNN {knn_top1:.3f}; fine-tuned top-1 {pretrained["top1"]:.3f} from '
         f'the checkpoint, {scratch["top1"]:.3f} from random init')
   assert pretrained['top1'] > scratch['top1'], (pretrained, scratch)
+
+
+# ----------------------------------------------------------------------------------- ablation
+def test_ablate_runs_methods_and_variants_then_skips_them_on_rerun(digits_dir, tmp_path):
+  """tools/ablate.py end to end at a 4-step budget: mimco trains its mocov3 teacher first, a variant
+  applies its overrides, every row carries the three probes, and a rerun trains nothing."""
+  out = tmp_path / 'ablation'
+  tiny = {'total_steps': 4, 'batch_size': 32, 'model.width': 32, 'model.depth': 2,
+          'model.num_heads': 2, 'model.mlp_dim': 64, 'model.decoder_width': 32,
+          'model.decoder_depth': 1, 'model.proj_hidden': 64, 'model.pred_hidden': 64,
+          'model.proj_dim': 32, 'optim.warmup_steps': 1, 'log_every_steps': 2,
+          'eval_every_steps': 1000, 'checkpoint_every_steps': 4, 'data_dir': digits_dir}
+  args = ['--config=configs/digits.py', *[f'--config.{k}={v}' for k, v in tiny.items()],
+          f'--out={out}', '--runs=macrl,mimco', '--variants=qm=key_mask=same;queue_size=64',
+          '--shots=2', '--seeds=1', '--probe_epochs=2']
+  check_ok(run_tool('ablate', *args))
+  results = read_json(out / 'results.json')
+  rows = results['rows']
+  assert list(rows) == ['pixels', 'random init', 'macrl', 'mocov3', 'mimco', 'qm'], list(rows)
+  table = (out / 'results.md').read_text()
+  assert [line.split(' | ')[0] for line in table.splitlines() if line.startswith('| ')][2:] == [
+      '| pixels', '| random init', '| macrl', '| mocov3', '| mimco', '| qm'], table
+  assert set(rows['pixels']) == {'knn_top1', 'knn_euclidean_top1', 'linear_top1', 'linear_C'}
+  assert rows['pixels']['linear_top1'] > 0.8  # digits' pixels are nearly linearly separable
+  for name in ('random init', 'macrl', 'mocov3', 'mimco', 'qm'):
+    for key in ('knn_top1', 'linear_top1', 'linear_2shot_top1'):
+      assert 0.0 <= rows[name][key] <= 1.0, (name, key, rows[name])
+  assert rows['qm']['overrides'] == {'key_mask': 'same', 'queue_size': 64}
+  assert read_json(out / 'runs' / 'qm' / 'config.json')['queue_size'] == 64
+  assert read_json(out / 'runs' / 'mimco' / 'config.json')['teacher']['workdir'] == str(
+      out / 'runs' / 'mocov3')
+  assert '| qm | key_mask=same, queue_size=64 |' in table and '--runs=macrl,mimco' in table
+
+  logs = {n: (out / 'runs' / n / 'metrics.jsonl').read_text() for n in ('macrl', 'qm')}
+  check_ok(run_tool('ablate', *args))  # everything finished: nothing is trained or probed again
+  assert read_json(out / 'results.json')['rows'] == rows
+  assert logs == {n: (out / 'runs' / n / 'metrics.jsonl').read_text() for n in ('macrl', 'qm')}

@@ -3,10 +3,15 @@
   python tools/input_benchmark.py --config=configs/tiny_imagenet.py \
       --config.manual_dir=../shared/data/tiny-imagenet-10 --config.num_classes=10
 
+  python tools/input_benchmark.py --config=configs/cifar100.py --mock=5000   # no download
+
 Runs `input_pipeline.create_pretrain_iterator` for --warmup batches (not timed: they include graph
 tracing and filling the prefetch buffers), then times --batches batches. Prints a short table and,
 as its last line, one JSON object (images_per_sec counts examples, each giving config.num_views
 views).
+--mock=N reads N random images of the dataset's shapes through `tfds.testing.mock_data` instead of
+the prepared dataset: decoding, augmentation and batching cost the same, so it measures the pipeline
+of a dataset that is not downloaded here (cifar10/100, imagenette).
 The figure depends on the CPU cores the process gets; the 1-minute load average is reported with it.
 """
 
@@ -31,10 +36,19 @@ _WARMUP = flags.DEFINE_integer('warmup', 5, 'Batches before timing.')
 _BATCHES = flags.DEFINE_integer('batches', 50, 'Timed batches.')
 _PROCESS_INDEX = flags.DEFINE_integer('process_index', 0, 'Process to simulate.')
 _PROCESS_COUNT = flags.DEFINE_integer('process_count', 1, 'Number of processes to simulate.')
+_MOCK = flags.DEFINE_integer('mock', 0, 'Read this many random examples via tfds.testing.mock_data.')
 
 
 def main(argv):
   del argv
+  if _MOCK.value:
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=_MOCK.value):
+      return benchmark()
+  return benchmark()
+
+
+def benchmark():
   logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset it opens
   config = _CONFIG.value
   p, num_p = _PROCESS_INDEX.value, _PROCESS_COUNT.value
@@ -57,7 +71,7 @@ def main(argv):
       batch_size=local_batch,
       global_batch_size=config.batch_size,
       image_size=config.image_size,
-      dataset=config.dataset,
+      dataset=config.dataset + (f' (mock_data, {_MOCK.value} random examples)' if _MOCK.value else ''),
       num_views=config.num_views,
       method=config.method,
       examples=input_pipeline.num_examples(config, config.train_split),
@@ -67,7 +81,7 @@ def main(argv):
       load_avg_1m=round(os.getloadavg()[0], 2),
   )
   rows = [
-      ('dataset', f'{config.dataset} ({config.train_split}: {result["examples"]} examples)'),
+      ('dataset', f'{result["dataset"]} ({config.train_split}: {result["examples"]} examples)'),
       ('method / views', f'{config.method} / {config.num_views}'),
       ('image size', config.image_size),
       ('batch', f'{local_batch} per process (process {p} of {num_p})'),
