@@ -97,12 +97,12 @@ def pixel_baselines(config):
 
   (xtr, ytr), (xte, yte) = pixels(config.train_split), pixels(config.test_split)
   scaler = StandardScaler().fit(xtr)
-  logreg = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=3, max_iter=2000)
+  logreg = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=3, scoring='accuracy', max_iter=2000)
   logreg.fit(scaler.transform(xtr), ytr)
   knn = {metric: KNeighborsClassifier(20, metric=metric).fit(xtr, ytr).score(xte, yte)
          for metric in ('cosine', 'euclidean')}
   return {'linear_top1': float(logreg.score(scaler.transform(xte), yte)),
-          'linear_C': float(logreg.C_[0]),
+          'linear_C': float(np.ravel(logreg.C_)[0]),  # one C for all classes (multinomial)
           'knn_top1': float(knn['cosine']), 'knn_euclidean_top1': float(knn['euclidean'])}
 
 
