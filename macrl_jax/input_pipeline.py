@@ -26,7 +26,7 @@ Augmentations (SPEC §1, fields of presets.strong_aug()), per example and view: 
 (tf.image's box sampler: area `crop_scale`, aspect `crop_ratio`, whole image after 10 failed tries;
 JPEGs decode only the box), horizontal flip, colour jitter with torchvision's semantics (brightness
 as a factor, then contrast, saturation, hue, in this fixed order), grayscale, Gaussian blur (σ drawn
-from `blur_sigma`, given for 224 px, times image_size / 224) and solarize, each applied with its
+from `blur_sigma`, given at `aug.blur_reference_size` px, times image_size / that) and solarize, each applied with its
 probability; then the MEAN/STD normalisation.
 
 Preparation is not coordinated between processes: on a multi-host run, prepare the dataset first
@@ -204,7 +204,46 @@ def _split_size(builder, split: str) -> int:
 
 
 def num_examples(config, split: str) -> int:
-  return _split_size(get_builder(config), split)
+  builder = get_builder(config)
+  stored, indices = _split_indices(builder, config, split)
+  return _split_size(builder, stored) if indices is None else len(indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out part of the train split, for choosing hyperparameters.
+
+HOLDOUT = 'holdout'
+_HOLDOUTS: dict[tuple, np.ndarray] = {}
+
+
+def _split_indices(builder, config, split: str) -> tuple[str, np.ndarray | None]:
+  """The stored split that `split` names, and the indices into it (None: all of it)."""
+  fraction = _data_option(config, 'holdout_fraction', 0.0)
+  if split == HOLDOUT and not fraction:
+    raise ValueError(f"split {HOLDOUT!r} is the part of train_split held out by "
+                     "config.data.holdout_fraction, which is 0; set e.g. "
+                     "--config.data.holdout_fraction=0.1")
+  if not fraction or split not in (HOLDOUT, config.train_split):
+    return split, None
+  stored = config.train_split
+  held = _holdout(builder, stored, fraction)
+  if split == HOLDOUT:
+    return stored, held
+  return stored, np.setdiff1d(np.arange(_split_size(builder, stored)), held)
+
+
+def _holdout(builder, split: str, fraction: float) -> np.ndarray:
+  """round(fraction · n_c) examples of each class c, drawn with a fixed seed: sorted indices."""
+  key = (os.fspath(builder.data_path), split, fraction)
+  if key not in _HOLDOUTS:
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    labels = np.concatenate(list(ds.map(lambda ex: ex['label']).batch(4096).as_numpy_iterator()))
+    rng = np.random.default_rng(0)  # the same held-out images for every run and seed
+    held = [rng.permutation(np.flatnonzero(labels == c))[:round(fraction * np.sum(labels == c))]
+            for c in np.unique(labels)]
+    _HOLDOUTS[key] = np.sort(np.concatenate(held))
+  return _HOLDOUTS[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,20 +264,28 @@ _CACHE_SIZE = 4  # the train and test split, with room for one more dataset
 def clear_cache() -> None:
   """Drops the in-memory shards (e.g. after re-preparing a dataset, or in tests)."""
   _CACHE.clear()
+  _HOLDOUTS.clear()
 
 
 def _shard(n: int, process_index: int, process_count: int) -> tuple[int, int]:
   return n * process_index // process_count, n * (process_index + 1) // process_count
 
 
-def _get_source(builder, split: str, process_index: int, process_count: int) -> _Source:
-  lo, hi = _shard(_split_size(builder, split), process_index, process_count)
-  key = (os.fspath(builder.data_path), split, lo, hi)
+def _get_source(builder, config, split: str, process_index: int, process_count: int) -> _Source:
+  stored, indices = _split_indices(builder, config, split)
+  n = _split_size(builder, stored) if indices is None else len(indices)
+  lo, hi = _shard(n, process_index, process_count)
+  if indices is None:
+    rows, key = np.arange(lo, hi), (os.fspath(builder.data_path), stored, lo, hi)
+  else:
+    rows = indices[lo:hi]
+    key = (os.fspath(builder.data_path), stored, split, _data_option(config, 'holdout_fraction', 0),
+           lo, hi)
   if key not in _CACHE:
     load = _disk_source if _is_random_access(builder) else _memory_source
     if len(_CACHE) >= _CACHE_SIZE:
       _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = load(builder, split, lo, hi)
+    _CACHE[key] = load(builder, stored, rows)
   return _CACHE[key]
 
 
@@ -247,13 +294,14 @@ def _decode(image: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(image, channels=3, expand_animations=False)
 
 
-def _memory_source(builder, split: str, lo: int, hi: int) -> _Source:
-  """Loads examples [lo, hi) of the split into memory (decoded if all images have one size)."""
+def _memory_source(builder, split: str, rows: np.ndarray) -> _Source:
+  """Loads the examples `rows` (sorted) of the split into memory (decoded if of one size)."""
   shape = builder.info.features['image'].shape
   decode = None not in shape
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()},
                           read_config=tfds.ReadConfig(try_autocache=False))
+  lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
   ds = ds.skip(lo).take(hi - lo)  # not split slicing: mock_data ignores it
 
   def prepare(ex):
@@ -267,21 +315,24 @@ def _memory_source(builder, split: str, lo: int, hi: int) -> _Source:
   for image, label in ds.as_numpy_iterator():
     images.append(image)
     labels.append(label)
-  images = tf.constant(np.concatenate(images)) if images else tf.zeros([0, *shape[:2], 3], tf.uint8)
-  labels = tf.constant(np.concatenate(labels)) if labels else tf.zeros([0], tf.int32)
+  if images:
+    keep = rows - lo
+    images, labels = np.concatenate(images)[keep], np.concatenate(labels)[keep]
+  images = tf.constant(images) if len(images) else tf.zeros([0, *shape[:2], 3], tf.uint8)
+  labels = tf.constant(labels) if len(labels) else tf.zeros([0], tf.int32)
 
   def fetch(positions):
     return {'image': tf.gather(images, positions), 'label': tf.gather(labels, positions)}
 
-  return _Source(size=hi - lo, fetch=fetch)
+  return _Source(size=len(rows), fetch=fetch)
 
 
-def _disk_source(builder, split: str, lo: int, hi: int) -> _Source:
-  """Reads examples [lo, hi) of an ArrayRecord split from disk, one batch per call."""
+def _disk_source(builder, split: str, rows: np.ndarray) -> _Source:
+  """Reads the examples `rows` of an ArrayRecord split from disk, one batch per call."""
   source = builder.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
 
   def read(positions: np.ndarray):
-    examples = source.__getitems__([lo + int(i) for i in positions])
+    examples = source.__getitems__([int(rows[i]) for i in positions])
     images = np.array([ex['image'] for ex in examples], dtype=object)
     labels = np.array([ex['label'] for ex in examples], dtype=np.int32)
     return images, labels
@@ -291,7 +342,7 @@ def _disk_source(builder, split: str, lo: int, hi: int) -> _Source:
     return {'image': tf.ensure_shape(images, positions.shape),
             'label': tf.ensure_shape(labels, positions.shape)}
 
-  return _Source(size=hi - lo, fetch=fetch)
+  return _Source(size=len(rows), fetch=fetch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,9 +413,9 @@ def _grayscale(x: tf.Tensor, key) -> tf.Tensor:
   return tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(x))
 
 
-def _gaussian_blur(x: tf.Tensor, key, sigma_range, image_size: int) -> tf.Tensor:
-  """Separable Gaussian blur, σ ~ U(sigma_range) given at 224 px and scaled to `image_size`."""
-  lo, hi = (s * image_size / 224 for s in sigma_range)
+def _gaussian_blur(x: tf.Tensor, key, sigma_range, scale: float) -> tf.Tensor:
+  """Separable Gaussian blur, σ ~ U(sigma_range) · scale (scale: image size / reference size)."""
+  lo, hi = (s * scale for s in sigma_range)
   sigma = tf.random.stateless_uniform([], key, lo, hi)
   radius = max(1, math.ceil(3 * hi))  # static, so that the graph has one kernel size
   t = tf.range(-radius, radius + 1, dtype=tf.float32)
@@ -385,10 +436,13 @@ def _normalize(x: tf.Tensor) -> tf.Tensor:
   return (x - MEAN) / STD
 
 
-def augment(image: tf.Tensor, key: tf.Tensor, aug, image_size: int) -> tf.Tensor:
-  """One view: uint8 [h, w, 3] or encoded bytes → normalised float32 [image_size, image_size, 3].
+def augment(image: tf.Tensor, key: tf.Tensor, aug, image_size: int,
+            blur_reference_size: int = 224) -> tuple[tf.Tensor, tf.Tensor]:
+  """One view: uint8 [h, w, 3] or encoded bytes → (view, clean), normalised float32 [S, S, 3].
 
-  `aug` has the fields of presets.strong_aug(); `key` is a stateless seed (int64 [2]).
+  `view` is the augmented image; `clean` is the same crop and flip before the photometric
+  distortions (a reconstruction target). `aug` has the fields of presets.view_aug(); `key` is a
+  stateless seed (int64 [2]). Blur σ is given at `blur_reference_size` px.
   """
   keys = _split(key, 6)
   x = _decode_and_random_crop(image, keys[0], aug.crop_scale, aug.crop_ratio)
@@ -396,12 +450,14 @@ def augment(image: tf.Tensor, key: tf.Tensor, aug, image_size: int) -> tf.Tensor
   x = tf.clip_by_value(x, 0.0, 1.0)
   if aug.flip:
     x = tf.image.stateless_random_flip_left_right(x, keys[1])
+  clean = x
   x = _random_apply(lambda x, k: _color_jitter(x, k, aug), aug.color_jitter_prob, x, keys[2])
   x = _random_apply(_grayscale, aug.grayscale_prob, x, keys[3])
-  x = _random_apply(lambda x, k: _gaussian_blur(x, k, aug.blur_sigma, image_size), aug.blur_prob,
+  blur_scale = image_size / blur_reference_size
+  x = _random_apply(lambda x, k: _gaussian_blur(x, k, aug.blur_sigma, blur_scale), aug.blur_prob,
                     x, keys[4])
   x = _random_apply(_solarize, aug.solarize_prob, x, keys[5])
-  return _normalize(x)
+  return _normalize(x), _normalize(clean)
 
 
 def eval_preprocess(image: tf.Tensor, image_size: int, crop_fraction: float = 1.0) -> tf.Tensor:
@@ -464,15 +520,16 @@ def create_pretrain_iterator(config, *, start_step: int = 0, process_index: int 
 
   Each batch: {'view1': float32 [b, H, W, 3], 'view2' (when config.num_views == 2), 'label': int32
   [b]} with b = config.batch_size // process_count, H = W = config.image_size; view k is augmented
-  with config.aug.view<k>.
+  with config.aug.view<k>. With config.rec_target == 'clean', 'view<k>_target' holds each view
+  before its photometric distortions.
   """
   p, num_p = _process(process_index, process_count)
   b = _local_batch_size(config.batch_size, num_p)
   builder = get_builder(config)
-  source = _get_source(builder, config.train_split, p, num_p)
+  source = _get_source(builder, config, config.train_split, p, num_p)
   if source.size == 0:
     raise ValueError(f'process {p} of {num_p} has no examples of split {config.train_split!r} of '
-                     f'{config.dataset!r} ({_split_size(builder, config.train_split)} examples)')
+                     f'{config.dataset!r} ({num_examples(config, config.train_split)} examples)')
   views = [config.aug.view1, config.aug.view2][:config.num_views]
   seed = int(config.seed)
   m = source.size
@@ -484,12 +541,18 @@ def create_pretrain_iterator(config, *, start_step: int = 0, process_index: int 
     example = step * config.batch_size + p * b + tf.range(b, dtype=tf.int64)
     return {'example': example, **source.fetch(index)}
 
+  blur_reference_size = config.aug.get('blur_reference_size', 224)
+  clean_targets = config.get('rec_target', 'view') == 'clean'
+
   def make_views(ex):
     key = tf.stack([tf.constant(seed, tf.int64), ex['example']])
     keys = _split(key, len(views))
-    out = {f'view{k + 1}': augment(ex['image'], keys[k], view, config.image_size)
-           for k, view in enumerate(views)}
-    out['label'] = ex['label']
+    out = {'label': ex['label']}
+    for k, view in enumerate(views):
+      out[f'view{k + 1}'], clean = augment(ex['image'], keys[k], view, config.image_size,
+                                           blur_reference_size)
+      if clean_targets:
+        out[f'view{k + 1}_target'] = clean
     return out
 
   ds = tf.data.Dataset.counter(start_step)
@@ -510,11 +573,11 @@ def create_eval_iterator(config, split: str, *, batch_size: int, process_index: 
   """
   p, num_p = _process(process_index, process_count)
   builder = get_builder(config)
-  n = _split_size(builder, split)
+  n = num_examples(config, split)
   per_process = -(-n // num_p)  # ceil: the largest shard
   num_batches = -(-per_process // batch_size)
   size = config.image_size
-  source = _get_source(builder, split, p, num_p)
+  source = _get_source(builder, config, split, p, num_p)
   if source.size == 0:  # more processes than examples: padding only
     return iter([{'image': np.zeros([batch_size, size, size, 3], np.float32),
                   'label': np.zeros([batch_size], np.int32),
@@ -545,6 +608,9 @@ def _prepare(config) -> None:
   print(f'{config.dataset}: prepared in {builder.data_path}')
   for split in builder.info.splits:
     print(f'  {split}: {_split_size(builder, split)} examples')
+  if _data_option(config, 'holdout_fraction', 0.0):
+    for split in (config.train_split, HOLDOUT):
+      print(f'  {split} with holdout_fraction: {num_examples(config, split)} examples')
 
 
 if __name__ == '__main__':

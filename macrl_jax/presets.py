@@ -5,14 +5,12 @@ Every config file in configs/ starts from `base_config()`, sets its dataset fiel
 the benchmark) before the model is built, so that a bad value fails with a message naming the field
 instead of a shape error from inside XLA.
 
-Fields marked "ours" are choices the MACRL/MimCo abstracts leave open (SPEC §1).
+Fields marked "ours" are choices the MACRL/MimCo papers' abstracts leave open.
 """
 
 from __future__ import annotations
 
 import ml_collections
-
-METHODS = ('macrl', 'mae', 'mocov3', 'mimco')
 
 # ViT variants (Dosovitskiy et al.; Ti/S from DeiT): width, depth, heads, mlp_dim.
 VIT_SIZES = {
@@ -24,10 +22,10 @@ VIT_SIZES = {
 }
 
 
-def strong_aug() -> ml_collections.ConfigDict:
-  """MoCo v3 / BYOL-style strong corruption (view 1 of macrl, both views of mocov3)."""
-  return ml_collections.ConfigDict(dict(
-      crop_scale=(0.2, 1.0),
+def view_aug(**overrides) -> ml_collections.ConfigDict:
+  """One view's augmentation; the defaults are BYOL's first view (MoCo v3's `augmentation1`)."""
+  aug = ml_collections.ConfigDict(dict(
+      crop_scale=(0.08, 1.0),
       crop_ratio=(3 / 4, 4 / 3),
       flip=True,
       color_jitter_prob=0.8,
@@ -37,20 +35,76 @@ def strong_aug() -> ml_collections.ConfigDict:
       hue=0.1,
       grayscale_prob=0.2,
       blur_prob=1.0,
-      blur_sigma=(0.1, 2.0),  # in pixels at 224 px; scaled with the image size
-      solarize_prob=0.2,
+      blur_sigma=(0.1, 2.0),  # in pixels at aug.blur_reference_size, scaled to image_size
+      solarize_prob=0.0,
   ))
+  aug.update(overrides)
+  return aug
+
+
+def strong_aug() -> ml_collections.ConfigDict:
+  """macrl's strongly corrupted view 1: BYOL's distortions, both blur and solarize (ours)."""
+  return view_aug(crop_scale=(0.2, 1.0), solarize_prob=0.2)
+
+
+def crop_flip_aug(min_scale: float) -> ml_collections.ConfigDict:
+  """RandomResizedCrop(min_scale–1) and flip, no colour distortion (MAE's augmentation)."""
+  return view_aug(crop_scale=(min_scale, 1.0), color_jitter_prob=0.0, grayscale_prob=0.0,
+                  blur_prob=0.0, solarize_prob=0.0)
 
 
 def weak_aug() -> ml_collections.ConfigDict:
-  """MAE-style weak corruption: crop and flip only (view 2 of macrl, the single mae view)."""
-  aug = strong_aug()
-  aug.crop_scale = (0.5, 1.0)
-  aug.color_jitter_prob = 0.0
-  aug.grayscale_prob = 0.0
-  aug.blur_prob = 0.0
-  aug.solarize_prob = 0.0
-  return aug
+  """macrl's weakly corrupted view 2 (and the mimco student's view): crop 0.5–1 and flip."""
+  return crop_flip_aug(0.5)
+
+
+# What each method is. `fixed` fields define the method: validate() refuses a config that
+# overrides them. `recipe` fields are the method's published defaults (macrl's are ours); a
+# config or --config.FIELD=VALUE may change them after the method is applied.
+METHOD_TABLE = {
+    'macrl': dict(
+        fixed={'num_views': 2},
+        recipe={'aug.view1': strong_aug, 'aug.view2': weak_aug, 'mask_ratio_strong': 0.75,
+                'mask_ratio_weak': 0.25, 'lambda_con': 1.0, 'lambda_rec': 1.0, 'rec_loss': 'l1',
+                'temperature': 0.2, 'momentum_base': 0.99, 'optim.b2': 0.95,
+                'optim.weight_decay': 0.05}),
+    # MAE (He et al. 2022): one view, crop 0.2–1 + flip, 75 % masked, MSE on normalised pixels,
+    # AdamW β2 0.95, weight decay 0.05.
+    'mae': dict(
+        fixed={'num_views': 1, 'lambda_con': 0.0, 'queue_size': 0},
+        recipe={'aug.view1': lambda: crop_flip_aug(0.2), 'mask_ratio_strong': 0.75,
+                'lambda_rec': 1.0, 'rec_loss': 'l2', 'norm_pix_loss': True, 'optim.b2': 0.95,
+                'optim.weight_decay': 0.05}),
+    # MoCo v3 ViT (Chen et al. 2021): BYOL's asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2,
+    # crop 0.08–1), no masking, InfoNCE τ 0.2, momentum 0.99 → 1 (cosine), AdamW β2 0.999, wd 0.1.
+    'mocov3': dict(
+        fixed={'num_views': 2, 'lambda_rec': 0.0, 'mask_ratio_strong': 0.0,
+               'mask_ratio_weak': 0.0},
+        recipe={'aug.view1': view_aug,
+                'aug.view2': lambda: view_aug(blur_prob=0.1, solarize_prob=0.2),
+                'lambda_con': 1.0, 'temperature': 0.2, 'momentum_base': 0.99, 'optim.b2': 0.999,
+                'optim.weight_decay': 0.1}),
+    # MimCo student: one weak view, 75 % masked; the teacher sees it whole.
+    'mimco': dict(
+        fixed={'num_views': 1, 'lambda_con': 0.0, 'lambda_rec': 0.0, 'queue_size': 0},
+        recipe={'aug.view1': weak_aug, 'mask_ratio_strong': 0.75, 'optim.b2': 0.95,
+                'optim.weight_decay': 0.05}),
+}
+METHODS = tuple(METHOD_TABLE)
+
+
+def set_field(c: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """c['a.b'] = value for a dotted field name, as --config.a.b=value does."""
+  *parents, leaf = dotted.split('.')
+  for name in parents:
+    c = c[name]
+  c[leaf] = value
+
+
+def get_field(c: ml_collections.ConfigDict, dotted: str):
+  for name in dotted.split('.'):
+    c = c[name]
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = 'macrl'
   c.seed = 0
 
-  # Data (SPEC §4).
+  # Data.
   c.dataset = 'digits'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir; None = default
   c.manual_dir = ml_collections.FieldReference(None, field_type=str)  # for manual downloads
@@ -69,7 +123,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 16
   c.shuffle_buffer = 10_000
   c.num_views = 2
-  c.aug = ml_collections.ConfigDict(dict(view1=strong_aug(), view2=weak_aug()))
+  c.aug = ml_collections.ConfigDict(dict(
+      view1=strong_aug(), view2=weak_aug(),
+      # Blur σ is given for images of this size and scaled to image_size (224: the published
+      # σ 0.1–2 at 224 px; at 32 px that is at most 0.29 px, so a small-image study may lower it).
+      blur_reference_size=224,
+  ))
   c.data = ml_collections.ConfigDict(dict(
       # Storage format when preparing: 'tfrecord' (held in memory when read) or 'array_record'
       # (read from disk by index); None = the dataset's default (array_record for imagenet100).
@@ -77,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Evaluation: resize the shorter side to image_size / eval_crop_fraction, then center crop
       # (1.0 for the low-resolution datasets; 0.875 is the usual ImageNet value).
       eval_crop_fraction=1.0,
+      # A fraction of each class of train_split held out (deterministically, whatever the seed) as
+      # the split named 'holdout', for choosing hyperparameters without touching test_split; with
+      # it, train_split means the rest. 0 = train_split whole.
+      holdout_fraction=0.0,
   ))
 
   # Model.
@@ -102,7 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.dtype = 'float32'  # matmul dtype; parameters stay float32
 
-  # Method fields (SPEC §1).
+  # Method fields.
   c.mask_ratio_strong = 0.75  # view 1
   c.mask_ratio_weak = 0.25  # view 2 (ours)
   c.key_mask = 'none'  # 'none' | 'same' (ours)
@@ -110,11 +173,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.lambda_rec = 1.0  # (ours)
   c.temperature = 0.2
   c.rec_loss = 'l1'  # 'l1' | 'l2'
+  # What a masked view reconstructs: 'view' its own (distorted) pixels, 'clean' the same crop and
+  # flip before colour distortion, blur and solarize (ours).
+  c.rec_target = 'view'
   c.norm_pix_loss = True
   c.queue_size = 0  # memory bank of past keys; 0 = batch negatives only (ours)
   c.momentum_base = 0.99
 
-  # MimCo (SPEC §1): the frozen contrastive teacher and the student's two losses.
+  # MimCo: the frozen contrastive teacher and the student's two losses.
   c.teacher = ml_collections.ConfigDict(dict(
       workdir=ml_collections.FieldReference(None, field_type=str),  # a mocov3 or macrl workdir
       step=ml_collections.FieldReference(None, field_type=int),  # None = latest
@@ -143,7 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sharding = ml_collections.ConfigDict(dict(fsdp=False))
 
-  # Program (issue 4 fills these in train.py).
+  # Program: logging, evaluation and checkpoint cadence.
   c.log_every_steps = 50
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
@@ -153,37 +219,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-  """Sets the fields that make `method` what SPEC §1 says it is. Mutates and returns `c`."""
-  if method not in METHODS:
+  """Sets the fields that make `method` what it is (METHOD_TABLE). Mutates and returns `c`."""
+  if method not in METHOD_TABLE:
     raise ValueError(f'config.method: unknown method {method!r}; known: {", ".join(METHODS)}')
   c.method = method
-  if method == 'macrl':
-    c.num_views = 2
-    c.aug.view1, c.aug.view2 = strong_aug(), weak_aug()
-  elif method == 'mae':
-    # One weakly augmented view, masked 75 %, reconstruction only.
-    c.num_views = 1
-    c.aug.view1 = weak_aug()
-    c.mask_ratio_strong = 0.75
-    c.lambda_con = 0.0
-    c.lambda_rec = 1.0
-    c.queue_size = 0
-  elif method == 'mocov3':
-    # Two strong views, no masking, contrastive only.
-    c.num_views = 2
-    c.aug.view1, c.aug.view2 = strong_aug(), strong_aug()
-    c.mask_ratio_strong = 0.0
-    c.mask_ratio_weak = 0.0
-    c.lambda_con = 1.0
-    c.lambda_rec = 0.0
-  elif method == 'mimco':
-    # One weakly augmented view, masked 75 % for the student, whole for the teacher.
-    c.num_views = 1
-    c.aug.view1 = weak_aug()
-    c.mask_ratio_strong = 0.75
-    c.lambda_con = 0.0
-    c.lambda_rec = 0.0
-    c.queue_size = 0
+  entry = METHOD_TABLE[method]
+  for field, value in {**entry['recipe'], **entry['fixed']}.items():
+    set_field(c, field, value() if callable(value) else value)
   return c
 
 
@@ -272,6 +314,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     fail('model.pool', f'{c.model.pool!r} is not one of "cls", "mean"')
   if c.key_mask not in ('none', 'same'):
     fail('key_mask', f'{c.key_mask!r} is not one of "none", "same"')
+  if c.rec_target not in ('view', 'clean'):
+    fail('rec_target', f'{c.rec_target!r} is not one of "view", "clean"')
+  if c.aug.blur_reference_size <= 0:
+    fail('aug.blur_reference_size', f'{c.aug.blur_reference_size} must be > 0')
+  if not 0.0 <= c.data.holdout_fraction < 1.0:
+    fail('data.holdout_fraction', f'{c.data.holdout_fraction} is outside [0, 1)')
   if c.rec_loss not in ('l1', 'l2'):
     fail('rec_loss', f'{c.rec_loss!r} is not one of "l1", "l2"')
   if c.dtype not in ('float32', 'bfloat16', 'float16'):
@@ -296,29 +344,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   if c.method in ('macrl', 'mae', 'mocov3') and c.lambda_con == 0 and c.lambda_rec == 0:
     fail('lambda_con', 'both loss weights (lambda_con, lambda_rec) are zero: nothing to train')
 
-  # Consistency of the presets: the fields a method fixes must not be overridden into another method.
-  if c.method == 'mae':
-    if c.lambda_con != 0:
-      fail('lambda_con', f'method=mae is reconstruction-only; lambda_con must be 0 (got {c.lambda_con}).'
-           ' Use method=macrl for both losses')
-    if c.num_views != 1:
-      fail('num_views', f'method=mae uses one view (got {c.num_views})')
-    if c.queue_size:
-      fail('queue_size', 'method=mae has no contrastive branch; queue_size must be 0')
-  if c.method == 'mocov3':
-    if c.lambda_rec != 0:
-      fail('lambda_rec', f'method=mocov3 is contrastive-only; lambda_rec must be 0 (got {c.lambda_rec}).'
-           ' Use method=macrl for both losses')
-    for field in ('mask_ratio_strong', 'mask_ratio_weak'):
-      if c[field] != 0:
-        fail(field, f'method=mocov3 sees unmasked views; {field} must be 0 (got {c[field]})')
+  # The fields a method fixes must not be overridden into another method.
+  for field, value in METHOD_TABLE[c.method]['fixed'].items():
+    if get_field(c, field) != value:
+      fail(field, f'method={c.method} fixes {field}={value!r} (got {get_field(c, field)!r}); '
+           'macrl trains both losses, mae only reconstruction, mocov3 only the contrastive one')
   if c.method == 'mimco':
     if not c.teacher.workdir and c.teacher.spec is None:
       fail('teacher.workdir', 'method=mimco needs a contrastive teacher: pre-train one first '
            '(python main.py --config=configs/digits.py:method=mocov3 --workdir=TEACHER), then pass '
            '--config=configs/digits.py:method=mimco,teacher=TEACHER')
-    if c.num_views != 1:
-      fail('num_views', f'method=mimco uses one view (got {c.num_views})')
     if c.mask_ratio_strong <= 0:
       fail('mask_ratio_strong', 'method=mimco predicts the teacher at masked patches; mask some')
     if c.teacher.params not in ('momentum', 'online'):
@@ -328,8 +363,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     for field in ('tau_patch', 'tau_img'):
       if c.mimco[field] <= 0:
         fail(f'mimco.{field}', f'{c.mimco[field]} must be > 0')
-  if c.method in ('macrl', 'mocov3') and c.num_views != 2:
-    fail('num_views', f'method={c.method} needs two views (got {c.num_views})')
   if c.method == 'macrl' and (c.lambda_con == 0 or c.lambda_rec == 0):
     fail('lambda_con' if c.lambda_con == 0 else 'lambda_rec',
          'method=macrl trains both losses; use method=mae or method=mocov3 for one of them')

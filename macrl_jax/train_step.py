@@ -1,4 +1,4 @@
-"""The train state and the one jitted step of macrl, mae and mocov3 (SPEC §1).
+"""The train state and the one jitted step of macrl, mae and mocov3.
 
 The state is a plain dict:
   step            int32 scalar
@@ -84,15 +84,15 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
       keys.append(jax.lax.stop_gradient(k))
     return keys, ema_stats
 
-  def loss_fn(params, state, views, masks, keys, rng):
+  def loss_fn(params, state, views, targets, masks, keys, rng):
     batch_stats, terms, rec_losses, qs = state['batch_stats'], {}, [], []
-    for v, (x, mask) in enumerate(zip(views, masks)):
+    for v, (x, target, mask) in enumerate(zip(views, targets, masks)):
       z = enc.apply({'params': params['encoder']}, x, None if mask is None else mask.ids_keep,
                     train=True, rngs={'dropout': jax.random.fold_in(rng, 100 + v)})
       if rec and mask is not None:
         recon = dec.apply({'params': params['decoder']}, z, mask.ids_restore)
         rec_losses.append(losses.reconstruction_loss(
-            recon, models.patchify(x, patch), mask.mask, norm_pix=config.norm_pix_loss,
+            recon, models.patchify(target, patch), mask.mask, norm_pix=config.norm_pix_loss,
             kind=config.rec_loss))
       if con:
         q, batch_stats = heads(params, batch_stats, models.pool(z, config.model.pool))
@@ -114,6 +114,8 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
     step = state['step']
     rng = jax.random.fold_in(state['rng'], step)
     views = [batch['view1'], batch.get('view2')][:config.num_views]
+    # What each view reconstructs: itself, or (rec_target='clean') its undistorted crop.
+    targets = [batch.get(f'view{v + 1}_target', x) for v, x in enumerate(views)]
     size = views[0].shape[0]
     # One random mask per view and per image.
     masks = [models.random_masking(jax.random.fold_in(rng, v), size, num_patches, r) if r > 0
@@ -125,7 +127,7 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
       keys, ema_stats = momentum_keys(state, views, masks)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
-    grads, (terms, batch_stats) = grad_fn(state['params'], state, views, masks, keys, rng)
+    grads, (terms, batch_stats) = grad_fn(state['params'], state, views, targets, masks, keys, rng)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
 

@@ -373,3 +373,58 @@ def test_batch_size_must_divide_among_processes(digits_dir):
   with pytest.raises(ValueError, match='config.batch_size'):
     input_pipeline.create_pretrain_iterator(make_config('digits', digits_dir, batch_size=9),
                                             process_index=0, process_count=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out selection split and the reconstruction targets.
+
+
+def test_holdout_is_a_fixed_stratified_part_of_train(digits_dir):
+  full = make_config('digits', digits_dir)
+  c = make_config('digits', digits_dir, **{'data.holdout_fraction': 0.1})
+
+  def labels_and_hashes(config, split, process_index=0, process_count=1):
+    batches = list(input_pipeline.create_eval_iterator(
+        config, split, batch_size=64, process_index=process_index, process_count=process_count))
+    labels = np.concatenate([b['label'][b['mask']] for b in batches])
+    return labels, [h for b in batches for h in image_hashes(b['image'], b['mask'])]
+
+  all_labels, all_hashes = labels_and_hashes(full, 'train')
+  held, held_hashes = labels_and_hashes(c, 'holdout')
+  rest, rest_hashes = labels_and_hashes(c, 'train')
+  assert input_pipeline.num_examples(c, 'holdout') == len(held)
+  assert input_pipeline.num_examples(c, 'train') == len(rest) == 1437 - len(held)
+  for k in range(10):  # round(10 %) of each class
+    assert np.sum(held == k) == round(0.1 * np.sum(all_labels == k))
+  # Held out and rest partition the train split: every example once.
+  assert collections.Counter(held_hashes) + collections.Counter(rest_hashes) == \
+      collections.Counter(all_hashes)
+  # The same images whatever the seed and the process count.
+  c.seed = 7
+  input_pipeline.clear_cache()
+  parts = [labels_and_hashes(c, 'holdout', p, 2)[1] for p in range(2)]
+  assert sorted(parts[0] + parts[1]) == sorted(held_hashes)
+  # Pre-training reads only the rest: one epoch as one batch holds exactly its images.
+  pretrain = identity_views(override(c, {'batch_size': len(rest)}))
+  batch = next(input_pipeline.create_pretrain_iterator(pretrain, process_index=0, process_count=1))
+  assert collections.Counter(image_hashes(batch['view1'])) == collections.Counter(rest_hashes)
+
+
+def test_holdout_split_needs_a_fraction(digits_dir):
+  with pytest.raises(ValueError, match='holdout_fraction'):
+    input_pipeline.num_examples(make_config('digits', digits_dir), 'holdout')
+
+
+def test_clean_target_is_the_view_before_photometric_distortion(digits_dir):
+  c = make_config('digits', digits_dir, rec_target='clean', image_size=16)
+  for view in (c.aug.view1, c.aug.view2):
+    view.color_jitter_prob = view.grayscale_prob = view.solarize_prob = 1.0
+  plain = make_config('digits', digits_dir, image_size=16)
+  for view in (plain.aug.view1, plain.aug.view2):
+    view.color_jitter_prob = view.grayscale_prob = view.blur_prob = view.solarize_prob = 0.0
+  got = next(input_pipeline.create_pretrain_iterator(c, process_index=0, process_count=1))
+  want = next(input_pipeline.create_pretrain_iterator(plain, process_index=0, process_count=1))
+  assert set(got) == {'view1', 'view2', 'view1_target', 'view2_target', 'label'}
+  for v in ('view1', 'view2'):
+    np.testing.assert_allclose(got[f'{v}_target'], want[v], atol=1e-6)  # same crop and flip
+    assert not np.allclose(got[v], want[v])  # the view itself is distorted

@@ -197,3 +197,21 @@ def test_scanned_blocks_give_the_same_step():
     if "['qkv']['bias']" not in jax.tree_util.keystr(path):  # gradient-free: see without_gradient_free
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   jax.tree_util.tree_map_with_path(close, results[True][0], stack_blocks(results[False][0]))
+
+
+def test_reconstruction_target_is_the_batch_target_when_given():
+  """rec_target='clean': the masked view is compared with view<k>_target, not with itself."""
+  config = tiny_config('mae')
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  trainer = train_step.Trainer(config, mesh)
+  batch = fixed_batch(config, 0)
+
+  def loss_rec(batch):
+    state = trainer.init_state()
+    _, metrics = trainer.step(state, sharding.make_global_batch(batch, mesh))
+    return float(metrics['loss_rec'])
+
+  own = loss_rec(batch)
+  assert loss_rec(dict(batch, view1_target=batch['view1'])) == own
+  flipped = dict(batch, view1_target=np.ascontiguousarray(batch['view1'][:, :, ::-1]))
+  assert loss_rec(flipped) != pytest.approx(own, rel=1e-3)
