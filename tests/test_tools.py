@@ -385,37 +385,54 @@ def test_finetuning_a_checkpoint_beats_random_init_on_tiny_imagenet_10(tmp_path)
 
 
 # ----------------------------------------------------------------------------------- ablation
-def test_ablate_runs_methods_and_variants_then_skips_them_on_rerun(digits_dir, tmp_path):
-  """tools/ablate.py end to end at a 4-step budget: mimco trains its mocov3 teacher first, a variant
-  applies its overrides, every row carries the three probes, and a rerun trains nothing."""
+def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digits_dir, tmp_path):
+  """tools/ablate.py end to end at a 4-step budget: trials from a file over two seeds on the
+  held-out split, a mimco trial after its teacher, per-seed figures, the equal-time budget from
+  measured step times, and a rerun that trains nothing."""
   out = tmp_path / 'ablation'
+  trials = tmp_path / 'trials.json'
+  trials.write_text(json.dumps({
+      'qm': {'method': 'macrl', 'overrides': {'key_mask': 'same', 'lambda_con': 0.5}},
+      'mimco': {'method': 'mimco', 'teacher': 'qm'},
+      'mae': {'method': 'mae'}}))
   tiny = {'total_steps': 4, 'batch_size': 32, 'model.width': 32, 'model.depth': 2,
           'model.num_heads': 2, 'model.mlp_dim': 64, 'model.decoder_width': 32,
           'model.decoder_depth': 1, 'model.proj_hidden': 64, 'model.pred_hidden': 64,
-          'model.proj_dim': 32, 'optim.warmup_steps': 1, 'log_every_steps': 2,
+          'model.proj_dim': 32, 'optim.warmup_steps': 2, 'log_every_steps': 2,
           'eval_every_steps': 1000, 'checkpoint_every_steps': 4, 'data_dir': digits_dir}
   args = ['--config=configs/digits.py', *[f'--config.{k}={v}' for k, v in tiny.items()],
-          f'--out={out}', '--runs=macrl,mimco', '--variants=qm=key_mask=same;queue_size=64',
-          '--shots=2', '--seeds=1', '--probe_epochs=2']
+          f'--out={out}', f'--trials={trials}', '--runs=mimco,mae', '--protocol=selection',
+          '--seeds=0,1', '--probe_epochs=2']
   check_ok(run_tool('ablate', *args))
   results = read_json(out / 'results.json')
   rows = results['rows']
-  assert list(rows) == ['pixels', 'random init', 'macrl', 'mocov3', 'mimco', 'qm'], list(rows)
+  assert list(rows) == ['pixels', 'random init', 'qm', 'mimco', 'mae'], list(rows)
+  assert results['eval_split'] == 'holdout' and results['seeds'] == [0, 1]
+  for name in ('random init', 'qm', 'mimco', 'mae'):
+    for key in ('knn_top1', 'linear_top1'):
+      per_seed = rows[name][f'{key}_per_seed']
+      assert len(per_seed) == 2 and all(0.0 <= v <= 1.0 for v in per_seed), (name, key)
+      assert rows[name][key] == pytest.approx(np.mean(per_seed))
+      assert rows[name][f'{key}_std'] == pytest.approx(np.std(per_seed))
+  run = lambda name, seed: out / 'runs' / name / 'epochs' / f'seed{seed}'
+  config = read_json(run('qm', 1) / 'config.json')
+  assert (config['lambda_con'], config['seed'], config['test_split']) == (0.5, 1, 'holdout')
+  assert config['data']['holdout_fraction'] == 0.1
+  assert read_json(run('mimco', 0) / 'config.json')['teacher']['workdir'] == str(run('qm', 0))
+  assert read_json(run('mae', 0) / 'config.json')['rec_loss'] == 'l2'  # the method's own recipe
   table = (out / 'results.md').read_text()
-  assert [line.split(' | ')[0] for line in table.splitlines() if line.startswith('| ')][2:] == [
-      '| pixels', '| random init', '| macrl', '| mocov3', '| mimco', '| qm'], table
-  assert set(rows['pixels']) == {'knn_top1', 'knn_euclidean_top1', 'linear_top1', 'linear_C'}
-  assert rows['pixels']['linear_top1'] > 0.8  # digits' pixels are nearly linearly separable
-  for name in ('random init', 'macrl', 'mocov3', 'mimco', 'qm'):
-    for key in ('knn_top1', 'linear_top1', 'linear_2shot_top1'):
-      assert 0.0 <= rows[name][key] <= 1.0, (name, key, rows[name])
-  assert rows['qm']['overrides'] == {'key_mask': 'same', 'queue_size': 64}
-  assert read_json(out / 'runs' / 'qm' / 'config.json')['queue_size'] == 64
-  assert read_json(out / 'runs' / 'mimco' / 'config.json')['teacher']['workdir'] == str(
-      out / 'runs' / 'mocov3')
-  assert '| qm | key_mask=same, queue_size=64 |' in table and '--runs=macrl,mimco' in table
+  assert '| qm | macrl | key_mask=same, lambda_con=0.5 | epochs | 4 |' in table, table
 
-  logs = {n: (out / 'runs' / n / 'metrics.jsonl').read_text() for n in ('macrl', 'qm')}
+  logs = {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
   check_ok(run_tool('ablate', *args))  # everything finished: nothing is trained or probed again
   assert read_json(out / 'results.json')['rows'] == rows
-  assert logs == {n: (out / 'runs' / n / 'metrics.jsonl').read_text() for n in ('macrl', 'qm')}
+  assert logs == {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
+
+  # Equal time: mae (cheaper per step than macrl) gets proportionally more steps.
+  check_ok(run_tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm',
+                    '--runs=qm,mae', '--timing_rounds=1', '--probe_epochs=2'))
+  results = read_json(out / 'results.json')
+  t = results['step_seconds']
+  assert t['mae'] < t['qm']
+  assert results['rows']['mae (equal time)']['steps'] == round(4 * t['qm'] / t['mae']) > 4
+  assert 'qm (equal time)' not in results['rows']  # the reference's time run is its epochs run

@@ -1,25 +1,44 @@
-"""Ablation: pre-train several methods/variants at one budget, probe each, write Markdown + JSON.
+"""Method comparison: pre-train trials over seeds at equal epochs or equal time, probe, tabulate.
 
-  python tools/ablate.py --config=configs/digits.py --out=results/digits
-  python tools/ablate.py --config=configs/tiny_imagenet.py --out=results/tin10_32px \
-      --config.manual_dir=../shared/data/tiny-imagenet-10 --config.num_classes=10 \
-      --config.image_size=32 --config.model.variant=mu/4 --config.total_steps=1500
-  python tools/ablate.py --out=results/digits --report_only   # re-render the tables from the JSON
+  # 1. choose hyperparameters on the held-out selection split (10 % of each train class)
+  python tools/ablate.py --config=configs/tiny_imagenet_10.py \
+      --config.manual_dir=../shared/data/tiny-imagenet-10 \
+      --trials=results/tiny_imagenet_10/selection_trials.json --protocol=selection --seeds=0 \
+      --out=results/tiny_imagenet_10/selection
+  # 2. the chosen trials on the validation split, 3 pre-training seeds, both budgets
+  python tools/ablate.py --config=configs/tiny_imagenet_10.py \
+      --config.manual_dir=../shared/data/tiny-imagenet-10 \
+      --trials=results/tiny_imagenet_10/final_trials.json --protocol=final --seeds=0,1,2 \
+      --budgets=epochs,time --out=results/tiny_imagenet_10/final
+  python tools/ablate.py ... --report_only   # re-render results.md from results.json
 
-Runs (`--runs`, comma-separated names): the methods macrl, mae, mocov3, mimco (whose teacher is this
-ablation's mocov3 run, so mimco costs two budgets), and macrl design choices written NAME=a=b;c=d in
---variants. Each run pre-trains into OUT/runs/NAME (rerunning resumes an unfinished run and skips a
-finished one already in OUT/results.json; delete its row to probe it again), then is probed on frozen features: weighted kNN (k 20, T 0.07), linear probe (BatchNorm without affine +
-linear, mean over seeds) on all labels and on `--shots` labels per class. Raw pixels (logistic
-regression, 20-NN by cosine and Euclidean distance) and the randomly initialised encoder are the
-baselines. Results go to
-OUT/results.json and OUT/results.md; `--readme` also replaces the block between
-`<!-- ablation:NAME -->` and `<!-- /ablation:NAME -->` in README.md.
+Trials (a JSON file): {"NAME": {"method": "macrl", "overrides": {"optim.base_lr": 3e-3}}, ...};
+a mimco trial names its teacher trial ("teacher": "mocov3"), whose run of the same seed and budget
+is its teacher. A trial's config is the --config file built for its method (`:method=M`, so with
+the file's values for M), then the command's --config.FIELD overrides, then the trial's.
+
+Protocols: `selection` pre-trains on the train split less `--holdout_fraction` of each class and
+evaluates on that held-out part (the split 'holdout'); `final` pre-trains on the whole train split
+and evaluates on config.test_split. Choose on `selection`, report `final`.
+
+Budgets: `epochs` runs every trial for config.total_steps; `time` gives each trial the step time of
+the `--reference` trial's total_steps: its steps are total_steps × t_reference / t_trial, with the
+step times t measured here alternately (`--timing_rounds` rounds of compiled steps on a random
+batch), so that a cheaper method gets more steps (warm-up scaled alike).
+
+Probes of every (trial, budget, seed): weighted kNN (k, T of config.knn) and the linear probe (BN
+without affine + linear, SGD, `--probe_epochs`) on frozen features; the row keeps each seed's
+figures (`*_per_seed`) and their mean and std. Baselines: raw pixels (logistic regression with C
+chosen by 3-fold cross-validation on the train split, 20-NN by cosine and Euclidean distance) and
+the randomly initialised encoder of each seed. Each run pre-trains into OUT/runs/NAME/BUDGET/seedS
+and is skipped once its row holds that seed, so rerunning the command resumes. Results:
+OUT/results.json and OUT/results.md (`--readme=NAME` also replaces the README block between
+`<!-- ablation:NAME -->` and `<!-- /ablation:NAME -->`).
 """
 
-import copy
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -31,61 +50,65 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file('config', None, 'Pre-training config (and overrides).',
                                 lock_config=False)
 flags.DEFINE_string('out', None, 'Output folder (runs/, results.json, results.md).', required=True)
-flags.DEFINE_list('runs', ['macrl', 'mae', 'mocov3', 'mimco'], 'Methods and variant names to run.')
-flags.DEFINE_list('variants', [], 'Design-choice runs of macrl: NAME=field=value;field=value.')
-flags.DEFINE_integer('shots', 10, 'Labelled examples per class for the low-shot probe.')
-flags.DEFINE_integer('seeds', 3, 'Seeds of each linear probe (low-shot: each draws its own shots).')
+flags.DEFINE_string('trials', None, 'JSON file of the trials: {NAME: {method, overrides}}.')
+flags.DEFINE_list('runs', [], 'Only these trials (default: all of the file).')
+flags.DEFINE_enum('protocol', 'selection', ['selection', 'final'],
+                  'selection: evaluate on the held-out part of train; final: on the test split.')
+flags.DEFINE_float('holdout_fraction', 0.1, 'Per-class fraction of train held out (selection).')
+flags.DEFINE_list('seeds', ['0'], 'Pre-training seeds.')
+flags.DEFINE_list('budgets', ['epochs'], 'epochs and/or time (see the module docstring).')
+flags.DEFINE_string('reference', 'macrl', 'The trial whose step time sets the time budget.')
+flags.DEFINE_integer('timing_rounds', 3, 'Alternating rounds of step timing (time budget).')
 flags.DEFINE_integer('probe_epochs', 100, 'Epochs of the linear probe on cached features.')
 flags.DEFINE_bool('report_only', False, 'Only re-render results.md (and README) from results.json.')
 flags.DEFINE_string('readme', None, 'Name of the README block to replace with the table.')
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ('knn_top1', 'linear_top1')
 
 
-def parse_variants(specs):
-  """['qm=key_mask=same;queue_size=4096'] -> {'qm': {'key_mask': 'same', 'queue_size': 4096}}."""
-  out = {}
-  for spec in specs:
-    name, _, fields = spec.partition('=')
-    out[name] = {}
-    for item in filter(None, fields.split(';')):
-      key, value = item.split('=', 1)
-      out[name][key] = json.loads(value) if value[:1] in '-0123456789[{tfn' else value
-  return out
+# --------------------------------------------------------------------------------------- configs
+def method_config(method: str):
+  """The --config file built for `method` (its own tuned values), then the command's overrides."""
+  import importlib.util
 
-
-def run_config(base, name, variants, teacher_dir):
   from macrl_jax import presets
-  config = copy.deepcopy(base)
-  if name in presets.METHODS:
-    presets.apply_method(config, name)
-    if name == 'mimco':
-      config.teacher.workdir = teacher_dir
-  else:
-    presets.apply_method(config, 'macrl')
-    for key, value in variants[name].items():
-      target = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+  path, _, _ = config_flags.get_config_filename(FLAGS['config']).partition(':')
+  spec = importlib.util.spec_from_file_location('ablate_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f'method={method}')
+  for field, value in config_flags.get_override_values(FLAGS['config']).items():
+    presets.set_field(config, field, value)
+  if FLAGS.protocol == 'selection':
+    config.data.holdout_fraction = FLAGS.holdout_fraction
+    config.test_split = 'holdout'
   return config
 
 
-def pixel_baselines(config):
-  """Logistic regression and 20-NN on the eval pipeline's normalised pixels.
+def trial_config(trial: dict, seed: int, steps: int | None = None):
+  from macrl_jax import presets
+  config = method_config(trial['method'])
+  for field, value in trial.get('overrides', {}).items():
+    presets.set_field(config, field, value)
+  config.seed = seed
+  if steps is not None and steps != config.total_steps:
+    config.optim.warmup_steps = round(config.optim.warmup_steps * steps / config.total_steps)
+    config.eval_every_steps = config.checkpoint_every_steps = steps
+    config.total_steps = steps
+  return config
 
-  20-NN both by cosine (as the encoder's kNN probe) and by Euclidean distance; logistic regression
-  on standardised pixels with its C chosen by 3-fold cross-validation on the train split (at
-  scikit-learn's default C=1 it overfits 3,072 pixels: 19.0 % on tiny-imagenet-10 at 32 px).
-  """
+
+# ------------------------------------------------------------------------------------ baselines
+def pixel_baselines(config):
+  """Logistic regression (C by 3-fold cross-validation) and 20-NN on normalised pixels."""
   from sklearn.linear_model import LogisticRegressionCV
   from sklearn.neighbors import KNeighborsClassifier
   from sklearn.preprocessing import StandardScaler
+  import numpy as np
 
   from macrl_jax import input_pipeline
-  import numpy as np
 
   def pixels(split):
     xs, ys = [], []
@@ -102,60 +125,103 @@ def pixel_baselines(config):
   knn = {metric: KNeighborsClassifier(20, metric=metric).fit(xtr, ytr).score(xte, yte)
          for metric in ('cosine', 'euclidean')}
   return {'linear_top1': float(logreg.score(scaler.transform(xte), yte)),
-          'linear_C': float(np.ravel(logreg.C_)[0]),  # one C for all classes (multinomial)
+          'linear_C': float(np.ravel(logreg.C_)[0]),
           'knn_top1': float(knn['cosine']), 'knn_euclidean_top1': float(knn['euclidean'])}
 
 
-def probe(restored):
+def probe(restored, seed: int) -> dict:
   from macrl_jax import evaluation, knn, probe as probe_lib
   c = restored.config
   train_x, train_y = evaluation.split_features(restored, c.train_split)
   test_x, test_y = evaluation.split_features(restored, c.test_split)
-  kw = dict(seeds=FLAGS.seeds, epochs=FLAGS.probe_epochs)
-  full = probe_lib.linear_probe(train_x, train_y, test_x, test_y, c.num_classes, **kw)
-  few = probe_lib.linear_probe(train_x, train_y, test_x, test_y, c.num_classes, shots=FLAGS.shots,
-                               **kw)
-  return {'knn_top1': knn.knn_top1(train_x, train_y, test_x, test_y, c.num_classes,
-                                   c.knn.k, c.knn.temperature),
-          'linear_top1': full['top1'], 'linear_top1_std': full['top1_std'],
-          f'linear_{FLAGS.shots}shot_top1': few['top1'],
-          f'linear_{FLAGS.shots}shot_top1_std': few['top1_std']}
+  linear = probe_lib.train_probe(train_x, train_y, c.num_classes, epochs=FLAGS.probe_epochs,
+                                 seed=seed)
+  logits = probe_lib.predict(linear, test_x, c.num_classes)
+  return {'knn_top1': knn.knn_top1(train_x, train_y, test_x, test_y, c.num_classes, c.knn.k,
+                                   c.knn.temperature),
+          'linear_top1': evaluation.topk_accuracy(logits, test_y, 1)}
+
+
+# --------------------------------------------------------------------------------------- timing
+def step_seconds(configs: dict) -> dict:
+  """Median seconds of one compiled train step of each config, timed in alternating rounds."""
+  import jax
+  import numpy as np
+
+  from macrl_jax import sharding, train_step
+
+  mesh = sharding.make_mesh()
+  runners = {}
+  for name, config in configs.items():
+    trainer = train_step.Trainer(config, mesh)
+    rs = np.random.RandomState(0)
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
+    if config.rec_target == 'clean':
+      batch.update({f'view{v + 1}_target': batch[f'view{v + 1}'] for v in range(config.num_views)})
+    state = trainer.init_state()
+    state, _ = trainer.step(state, sharding.make_global_batch(batch, mesh))  # compiles
+    runners[name] = [trainer.step, state, sharding.make_global_batch(batch, mesh)]
+  times = {name: [] for name in configs}
+  for _ in range(FLAGS.timing_rounds):
+    for name, runner in runners.items():
+      step, state, batch = runner
+      for _ in range(3):
+        start = time.perf_counter()
+        state, _ = step(state, batch)
+        jax.block_until_ready(state)
+        times[name].append(time.perf_counter() - start)
+      runner[1] = state
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------- report
+def summarize(row: dict) -> None:
+  """Adds the mean and std over seeds of each metric's per-seed list."""
+  for key in METRICS:
+    values = row.get(f'{key}_per_seed')
+    if values:
+      row[key] = statistics.fmean(values)
+      row[f'{key}_std'] = statistics.pstdev(values) if len(values) > 1 else None
 
 
 def render(results) -> str:
-  shots = results['shots']
-  cols = ['knn_top1', 'linear_top1', f'linear_{shots}shot_top1']
-  lines = [f'Budget: {results["budget"]}. Probes: kNN k=20 T=0.07; linear (BN + linear) mean ± std '
-           f'over {results["seeds"]} seeds; {shots}-shot linear over {results["seeds"]} draws.',
-           '', '| run | overrides | kNN top-1 | linear top-1 | %d-shot linear top-1 | pre-train min |'
-           % shots, '| --- | --- | --- | --- | --- | --- |']
+  seeds = results['seeds']
+  lines = [f'Protocol: {results["protocol"]} (evaluated on {results["eval_split"]}). Budget: '
+           f'{results["budget"]}. Pre-training seeds: {", ".join(map(str, seeds))}; figures are '
+           'mean ± std over the seeds (population std), linear = BN + linear probe, kNN k=20 T=0.07.',
+           '', '| run | method | overrides | budget | steps | kNN top-1 | linear top-1 | linear per '
+           'seed | pre-train min |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
 
   def pct(row, key):
     if key not in row:
       return '–'
     std = row.get(f'{key}_std')
     text = f'{100 * row[key]:.1f}' + (f' ± {100 * std:.1f}' if std is not None else '')
-    if key == 'knn_top1' and 'knn_euclidean_top1' in row:  # the pixel baseline
+    if key == 'knn_top1' and 'knn_euclidean_top1' in row:
       text += f' (Euclidean: {100 * row["knn_euclidean_top1"]:.1f})'
     if key == 'linear_top1' and 'linear_C' in row:
       text += f' (logistic regression, C={row["linear_C"]:g})'
     return text
 
-  first = ['pixels', 'random init', 'macrl', 'mae', 'mocov3', 'mimco']  # then the variants
-  names = [n for n in first if n in results['rows']]
-  for name in names + [n for n in results['rows'] if n not in first]:
-    row = results['rows'][name]
-    minutes = f'{row["pretrain_seconds"] / 60:.1f}' if row.get('pretrain_seconds') else '–'
+  for name, row in results['rows'].items():
     overrides = ', '.join(f'{k}={v}' for k, v in row.get('overrides', {}).items()) or '–'
-    lines.append(f'| {name} | {overrides} | ' + ' | '.join(pct(row, k) for k in cols) +
-                 f' | {minutes} |')
+    per_seed = ', '.join(f'{100 * v:.1f}' for v in row.get('linear_top1_per_seed', [])) or '–'
+    minutes = row.get('pretrain_seconds_per_seed')
+    minutes = f'{statistics.fmean(minutes) / 60:.1f}' if minutes else '–'
+    lines.append(f'| {row.get("trial", name)} | {row.get("method", "–")} | {overrides} | '
+                 f'{row.get("budget", "–")} | {row.get("steps", "–")} | {pct(row, "knn_top1")} | '
+                 f'{pct(row, "linear_top1")} | {per_seed} | {minutes} |')
+  if results.get('step_seconds'):
+    lines += ['', 'Step seconds (median, timed alternately in one process): ' + ', '.join(
+        f'{k} {v:.3f}' for k, v in results['step_seconds'].items())]
   lines += ['', f'Command: `{results["command"]}`']
   return '\n'.join(lines) + '\n'
 
 
 def write_outputs(results):
   with open(os.path.join(FLAGS.out, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)  # rows in the order they ran
+    json.dump(results, f, indent=2)
   table = render(results)
   with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
     f.write(table)
@@ -172,6 +238,7 @@ def write_outputs(results):
   print(table)
 
 
+# ----------------------------------------------------------------------------------------- main
 def main(argv):
   del argv
   os.makedirs(FLAGS.out, exist_ok=True)
@@ -181,38 +248,83 @@ def main(argv):
     return
   from macrl_jax import restore, train
 
-  base = FLAGS.config
-  variants = parse_variants(FLAGS.variants)
+  if not FLAGS.trials:
+    raise app.UsageError('--trials=FILE is required (a JSON object of trials)')
+  with open(FLAGS.trials) as f:
+    trials = json.load(f)
+  names = FLAGS.runs or list(trials)
+  unknown = sorted(set(names) - set(trials))
+  if unknown:
+    raise app.UsageError(f'--runs: {unknown} are not trials of {FLAGS.trials}: {sorted(trials)}')
+  for name in list(names):  # a mimco trial's teacher trains before it
+    teacher = trials[name].get('teacher')
+    if trials[name]['method'] == 'mimco' and teacher not in trials:
+      raise app.UsageError(f'trial {name!r}: its "teacher" {teacher!r} is not a trial')
+    if teacher and teacher not in names[:names.index(name)]:
+      if teacher in names:
+        names.remove(teacher)
+      names.insert(names.index(name), teacher)
+  if 'time' in FLAGS.budgets and FLAGS.reference not in names:
+    raise app.UsageError(f'--reference={FLAGS.reference!r} (whose step time sets the time budget) '
+                         f'is not among the trials run: {names}')
+  for budget in FLAGS.budgets:
+    if budget not in ('epochs', 'time'):
+      raise app.UsageError(f'--budgets: {budget!r} is not one of epochs, time')
+  seeds = [int(s) for s in FLAGS.seeds]
+  base = method_config('macrl')
   results = json.load(open(path)) if os.path.exists(path) else {'rows': {}}
-  results.update(shots=FLAGS.shots, seeds=FLAGS.seeds, command=' '.join(['python'] + sys.argv),
-                 budget=f'{base.total_steps} steps × batch {base.batch_size}, '
-                        f'{base.dataset} at {base.image_size} px, variant {base.model.variant}')
-  if 'pixels' not in results['rows']:
-    results['rows']['pixels'] = pixel_baselines(base)
-  if 'random init' not in results['rows']:
-    results['rows']['random init'] = probe(restore.random_init(run_config(base, 'macrl', {}, None)))
+  results.update(protocol=FLAGS.protocol, eval_split=base.test_split, command=' '.join(
+      ['python'] + sys.argv), seeds=sorted(set(results.get('seeds', [])) | set(seeds)),
+      budget=f'{base.total_steps} steps × batch {base.batch_size} (epochs), {base.dataset} at '
+             f'{base.image_size} px, variant {base.model.variant}')
+  rows = results['rows']
+
+  if 'pixels' not in rows:
+    rows['pixels'] = pixel_baselines(base)
+  if 'time' in FLAGS.budgets and not results.get('step_seconds'):
+    timed = [FLAGS.reference] + [n for n in names if n != FLAGS.reference]
+    results['step_seconds'] = step_seconds(
+        {n: trial_config(trials[n], 0) for n in timed if trials[n]['method'] != 'mimco'})
   write_outputs(results)
 
-  names = list(FLAGS.runs) + [v for v in variants if v not in FLAGS.runs]
-  if 'mimco' in names and 'mocov3' not in names:
-    names.insert(names.index('mimco'), 'mocov3')  # the teacher
-  if 'mimco' in names:  # train the teacher first
-    names.remove('mimco')
-    names.insert(names.index('mocov3') + 1, 'mimco')
-  for name in names:
-    workdir = os.path.join(FLAGS.out, 'runs', name)
-    config = run_config(base, name, variants, os.path.join(FLAGS.out, 'runs', 'mocov3'))
-    if name in results['rows'] and config.total_steps in restore.available_steps(workdir):
-      continue  # pre-trained and probed by an earlier call
-    start = time.time()
-    train.train_and_evaluate(config, workdir)
-    seconds = time.time() - start
-    row = probe(restore.load_workdir(workdir))
-    row['overrides'] = variants.get(name, {})
-    previous = results['rows'].get(name, {})
-    row['pretrain_seconds'] = previous.get('pretrain_seconds') if seconds < 60 and previous else seconds
-    results['rows'][name] = row
-    write_outputs(results)
+  for seed in seeds:
+    random_row = rows.setdefault('random init', {'trial': 'random init'})
+    if seed not in random_row.get('seeds', []):
+      scores = probe(restore.random_init(trial_config({'method': 'macrl'}, seed)), seed)
+      for key, value in scores.items():
+        random_row.setdefault(f'{key}_per_seed', []).append(value)
+      random_row.setdefault('seeds', []).append(seed)
+      summarize(random_row)
+      write_outputs(results)
+    for budget in FLAGS.budgets:
+      for name in names:
+        trial = trials[name]
+        if budget == 'time' and name == FLAGS.reference:
+          continue  # its time budget is its epochs budget: the same run
+        steps = base.total_steps
+        if budget == 'time' and trial['method'] != 'mimco':
+          t = results['step_seconds']
+          steps = round(base.total_steps * t[FLAGS.reference] / t[name])
+        key = name if budget == 'epochs' else f'{name} (equal time)'
+        row = rows.setdefault(key, {'trial': name, 'method': trial['method'], 'budget': budget,
+                                    'overrides': trial.get('overrides', {}), 'steps': steps})
+        if seed in row.get('seeds', []):
+          continue
+        workdir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
+        config = trial_config(trial, seed, steps)
+        if trial['method'] == 'mimco':
+          config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
+                                                f'seed{seed}')
+        start = time.time()
+        train.train_and_evaluate(config, workdir)
+        seconds = time.time() - start
+        scores = probe(restore.load_workdir(workdir), seed)
+        for metric, value in scores.items():
+          row.setdefault(f'{metric}_per_seed', []).append(value)
+        row.setdefault('pretrain_seconds_per_seed', []).append(seconds)
+        row.setdefault('seeds', []).append(seed)
+        summarize(row)
+        write_outputs(results)
 
 
 if __name__ == '__main__':

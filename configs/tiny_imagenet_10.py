@@ -1,0 +1,50 @@
+"""The 32-px study of tiny-imagenet-10 (10 Tiny ImageNet classes: 5,000 train / 500 validation).
+
+The setting of the README's method comparison: a 4-block ViT of width 64 with patch 4 (64 tokens)
+on 32 px images, batch 128, on a 2-core CPU.
+  python main.py --config=configs/tiny_imagenet_10.py:method=macrl --workdir=workdirs/tin10_macrl \
+      --config.manual_dir=../shared/data/tiny-imagenet-10
+  python tools/ablate.py --config=configs/tiny_imagenet_10.py \
+      --config.manual_dir=../shared/data/tiny-imagenet-10 --out=results/tiny_imagenet_10 ...
+The manual dir is a folder in Tiny ImageNet's official layout (wnids.txt, train/, val/) holding
+these 10 classes. Each method's hyperparameters (METHOD_TUNED below) were chosen on the held-out
+selection split (`data.holdout_fraction`), never on the validation split; expected results and
+times are in the README's "Results".
+"""
+
+from macrl_jax import presets
+
+# Per method, the values chosen on the selection split (tools/ablate.py --protocol=selection).
+METHOD_TUNED = {
+    'macrl': {},
+    'mae': {},
+    'mocov3': {},
+    'mimco': {},
+}
+
+
+def get_config(arg=None):
+  c = presets.base_config()
+  c.dataset = 'tiny_imagenet'
+  c.test_split = 'validation'
+  c.num_classes = 10
+  c.image_size = 32
+  c.batch_size = 128
+  c.total_steps = 600  # 17 epochs of the 4,500 images left by the selection split
+  c.model.variant = 'mu/4'
+  c.model.decoder_width = 64
+  c.model.decoder_depth = 2
+  c.model.decoder_heads = 2
+  c.model.proj_hidden = 256
+  c.model.pred_hidden = 256
+  c.model.proj_dim = 64
+  c.optim.base_lr = 1.5e-3
+  c.optim.warmup_steps = 60
+  c.log_every_steps = 50
+  c.eval_every_steps = 600
+  c.checkpoint_every_steps = 200
+  c.knn.eval_batch_size = 256
+  c = presets.configure(c, arg)
+  for field, value in METHOD_TUNED[c.method].items():
+    presets.set_field(c, field, value)
+  return c
