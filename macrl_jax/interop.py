@@ -370,36 +370,41 @@ def decoder_to_mae(params: dict, num_patches: int) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------ whole models
+PARTS = ('encoder', 'projector', 'predictor', 'decoder')
+
+
 def variables_from_state_dict(sd: dict, config, *, encoder: str = 'online',
-                              interpolate_pos: bool = False, where: str = 'checkpoint') -> dict:
+                              interpolate_pos: bool = False, where: str = 'checkpoint',
+                              parts: tuple[str, ...] = PARTS) -> dict:
   """A flat state dict of any known layout → {'params': {...}, 'batch_stats': {...}} for `config`.
 
   `encoder` picks MoCo v3's base ('online') or momentum encoder. Always has params['encoder'];
   'projector' (with its batch_stats) when the chosen encoder has MoCo v3's head, 'predictor' when
-  the file has one, 'decoder' for MAE files. Blocks are laid out as config.model.scan wants.
+  the file has one, 'decoder' for MAE files; only those in `parts` are converted (and checked).
+  Blocks are laid out as config.model.scan wants.
   """
-  layout, parts = split_layout(sd)
-  if encoder not in parts:
+  layout, layout_parts = split_layout(sd)
+  if encoder not in layout_parts:
     raise InteropError(f'{where}: a {layout} file has no {encoder} encoder (it has: '
-                       f'{", ".join(sorted(parts))})')
+                       f'{", ".join(sorted(layout_parts))})')
   dims = presets.vit_dims(config.model)
-  enc_sd = parts[encoder]
+  enc_sd = layout_parts[encoder]
   head = _strip(enc_sd, 'head.')
   params, stats = {}, {}
   params['encoder'], perm = encoder_from_timm(enc_sd, dims, config.image_size,
                                               interpolate_pos=interpolate_pos,
                                               where=f'{where} ({layout}, {encoder} encoder)')
   m = config.model
-  if layout == 'mocov3' and head:
+  if layout == 'mocov3' and head and 'projector' in parts:
     params['projector'], stats['projector'] = head_from_moco(
         head, 3, (dims['width'], m.proj_hidden, m.proj_dim), perm,
         ('model.proj_hidden', 'model.proj_dim'), f'{where} ({encoder} encoder head)')
-  if 'predictor' in parts:
+  if 'predictor' in layout_parts and 'predictor' in parts:
     params['predictor'], stats['predictor'] = head_from_moco(
-        parts['predictor'], 2, (m.proj_dim, m.pred_hidden, m.proj_dim), np.arange(m.proj_dim),
+        layout_parts['predictor'], 2, (m.proj_dim, m.pred_hidden, m.proj_dim), np.arange(m.proj_dim),
         ('model.pred_hidden', 'model.proj_dim'), f'{where} (predictor)')
-  if 'decoder' in parts:
-    params['decoder'] = decoder_from_mae(parts['decoder'], config, perm,
+  if 'decoder' in layout_parts and 'decoder' in parts:
+    params['decoder'] = decoder_from_mae(layout_parts['decoder'], config, perm,
                                          dims['patch_size'] ** 2 * 3, f'{where} (decoder)')
   return {'params': stack_if_scanned(params, bool(m.scan)), 'batch_stats': stats}
 

@@ -71,8 +71,8 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
           for k, v in obj.items()}, meta
 
 
-def load_variables(path: str, config, *, encoder: str = 'online',
-                   interpolate_pos: bool = False) -> dict:
+def load_variables(path: str, config, *, encoder: str = 'online', interpolate_pos: bool = False,
+                   parts: tuple[str, ...] = interop.PARTS) -> dict:
   """The file's variables for `config` ({'params', 'batch_stats'}, numpy; see
   interop.variables_from_state_dict)."""
   sd, meta = read_state_dict(path)
@@ -82,7 +82,8 @@ def load_variables(path: str, config, *, encoder: str = 'online',
       raise InteropError(f'{path}: {meta_path(path)} says num_heads={meta["num_heads"]} but the config '
                          f'has {heads}; change config.model.num_heads to {meta["num_heads"]}')
   return interop.variables_from_state_dict(sd, config, encoder=encoder,
-                                           interpolate_pos=interpolate_pos, where=path)
+                                           interpolate_pos=interpolate_pos, where=path,
+                                           parts=parts)
 
 
 def write_safetensors(path: str, sd: dict[str, np.ndarray], meta: dict | None = None) -> None:
@@ -101,3 +102,47 @@ def write_torch(path: str, obj) -> None:
     return {k: convert(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(
         np.ascontiguousarray(x))
   torch.save(convert(obj), path)
+
+
+def initialise(state: dict, config, shardings) -> dict:
+  """The train state `state` with the parts of config.init's file that the method has: the encoder
+  always; projector, predictor (MoCo v3 files) and decoder (MAE files) for the methods that train
+  them. The momentum networks take the file's momentum encoder if it has one, else the online one
+  (MoCo starts them as copies)."""
+  from macrl_jax import presets  # noqa: PLC0415
+  parts = ['encoder']
+  if presets.uses_contrastive(config):
+    parts += ['projector', 'predictor']
+  if presets.uses_reconstruction(config):
+    parts.append('decoder')
+  kw = dict(interpolate_pos=config.init_interpolate_pos, parts=tuple(parts))
+  loaded = load_variables(config.init, config, **kw)
+  state = dict(state, params=dict(state['params']), batch_stats=dict(state['batch_stats']))
+  _put(state, 'params', loaded['params'], config.init)
+  _put(state, 'batch_stats', loaded['batch_stats'], config.init)
+  if 'ema_params' in state:
+    try:
+      momentum = load_variables(config.init, config, encoder='momentum', **kw)
+    except InteropError:  # no momentum encoder in the file: copies of the online networks
+      momentum = loaded
+    state['ema_params'], state['ema_batch_stats'] = dict(state['ema_params']), dict(
+        state['ema_batch_stats'])
+    _put(state, 'ema_params', {k: v for k, v in momentum['params'].items()
+                               if k in ('encoder', 'projector')}, config.init)
+    _put(state, 'ema_batch_stats', {k: v for k, v in momentum['batch_stats'].items()
+                                    if k == 'projector'}, config.init)
+  import jax  # noqa: PLC0415
+  return jax.device_put(state, shardings)
+
+
+def _put(state, collection, loaded, path):
+  import jax  # noqa: PLC0415
+  for part, tree in loaded.items():
+    want = state[collection][part]
+    if jax.tree.structure(want) != jax.tree.structure(tree):
+      raise InteropError(f'{path}: its {part} does not have the layout of this config\'s {part}')
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(tree)):
+      if a.shape != b.shape:
+        raise InteropError(f'{path}: {part}{jax.tree_util.keystr(p)} has shape {b.shape} in the '
+                           f'file but {a.shape} in this config')
+    state[collection][part] = jax.tree.map(lambda a, b: np.asarray(b, a.dtype), want, tree)

@@ -356,3 +356,66 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
   ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
   with torch.no_grad():
     assert max_diff(ours, model(to_torch(x)).numpy()) <= TOL
+
+
+def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
+  from macrl_jax import restore
+  config = digits_config(digits_dir, 'mimco', total_steps=2, checkpoint_every_steps=2)
+  path = str(tmp_path / 'moco.pth.tar')
+  make_mocov3_file(path, config)
+  config.teacher.checkpoint = path
+  metrics = train.train_and_evaluate(config, str(tmp_path / 'student'))
+  assert np.isfinite(metrics['loss'])
+  # The teacher carried in the student's checkpoints is the file's momentum encoder and projector.
+  state = restore.load_workdir(str(tmp_path / 'student')).state
+  want = interop_files.load_variables(path, mimco_teacher_config(config), encoder='momentum',
+                                      parts=('encoder', 'projector'))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['teacher']), want)
+
+
+def mimco_teacher_config(config):
+  from macrl_jax import mimco
+  return mimco.teacher_config(config)
+
+
+def test_init_loads_the_file_into_the_train_state(tmp_path):
+  from macrl_jax import sharding, train_step
+  config = config_for('mocov3')
+  path = str(tmp_path / 'moco.pth.tar')
+  make_mocov3_file(path, config)
+  config.init = path
+  state = jax.device_get(train_step.Trainer(config, sharding.make_mesh()).init_state())
+  online = interop_files.load_variables(path, config)
+  momentum = interop_files.load_variables(path, config, encoder='momentum')
+  for part in ('encoder', 'projector', 'predictor'):
+    jax.tree.map(np.testing.assert_array_equal, state['params'][part], online['params'][part])
+  for part in ('encoder', 'projector'):
+    jax.tree.map(np.testing.assert_array_equal, state['ema_params'][part], momentum['params'][part])
+  jax.tree.map(np.testing.assert_array_equal, state['ema_batch_stats']['projector'],
+               momentum['batch_stats']['projector'])
+  # A method without the heads takes the encoder only (and does not check the heads' shapes).
+  mae = config_for('mae', init=path, **{'model.proj_hidden': 8})
+  state = jax.device_get(train_step.Trainer(mae, sharding.make_mesh()).init_state())
+  jax.tree.map(np.testing.assert_array_equal, state['params']['encoder'], online['params']['encoder'])
+
+
+def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
+  path = str(tmp_path / 'moco.pth.tar')
+  from macrl_jax import restore
+  config = restore.load_config(mocov3_workdir)
+  online, _, _ = make_mocov3_file(path, config)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = str(tmp_path / 'feats.npz')
+  proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'extract_features.py'),
+                         f'--workdir={mocov3_workdir}', f'--init={path}', f'--out={out}'],
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  feats = np.load(out)['features']
+  restored = restore.load_init_file(mocov3_workdir, path)
+  x = images(config)
+  ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
+  perm = np.concatenate([np.arange(32, 64), np.arange(32)])
+  with torch.no_grad():
+    theirs = online.forward_head(online.forward_features(to_torch(x)), pre_logits=True).numpy()
+  assert max_diff(ours, theirs[:, perm]) <= TOL
+  assert feats.shape == (360, 64) and np.isfinite(feats).all()
