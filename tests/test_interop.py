@@ -419,3 +419,12 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
     theirs = online.forward_head(online.forward_features(to_torch(x)), pre_logits=True).numpy()
   assert max_diff(ours, theirs[:, perm]) <= TOL
   assert feats.shape == (360, 64) and np.isfinite(feats).all()
+
+
+def test_the_core_does_not_import_torch():
+  code = ('import sys; from macrl_jax import train, train_step, mimco, restore, finetune, interop, '
+          'evaluation; bad = [m for m in sys.modules if m.split(".")[0] in '
+          '("torch", "timm", "safetensors")]; assert not bad, bad')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
