@@ -1,6 +1,7 @@
 """What every tool in tools/ shares: the workdir flags, restoring from them, and running main.
 
   python tools/NAME.py --workdir=DIR [--step=N] [--params=online|momentum] [--data_dir=TFDS_DIR]
+  python tools/NAME.py --workdir=DIR --init=vit-s-300ep.pth.tar   # a PyTorch file instead
 
 A workdir the tools cannot use (WorkdirError) ends the program with its message and exit status 1,
 not a traceback.
@@ -26,11 +27,16 @@ def define_workdir_flags(params: bool = True) -> None:
   if params:
     flags.DEFINE_enum('params', 'online', list(restore.PARAMS),
                       'Which encoder: the online one, or the momentum (EMA) one of macrl/mocov3.')
+  flags.DEFINE_string('init', None, 'A PyTorch file (MoCo v3 .pth.tar, MAE .pth, timm ViT, '
+                      '.safetensors) to evaluate instead of the workdir\'s checkpoints; the workdir '
+                      'still gives the config (config.json) and receives the results.')
 
 
 def load(**kw) -> restore.Restored:
   """The checkpoint the workdir flags name."""
   params = FLAGS.params if 'params' in FLAGS else 'online'
+  if FLAGS.init:
+    return restore.load_init_file(FLAGS.workdir, FLAGS.init, params, FLAGS.data_dir, **kw)
   return restore.load_workdir(FLAGS.workdir, FLAGS.step, params, FLAGS.data_dir, **kw)
 
 

@@ -1,6 +1,7 @@
 """MimCo (SPEC §1): a masked student predicts a frozen contrastive teacher's features.
 
-The teacher is any mocov3 or macrl workdir of this codebase. Its encoder and projector (momentum or
+The teacher is any mocov3 or macrl workdir of this codebase, or a PyTorch file in MoCo v3's layout
+(config.teacher.checkpoint, read by interop_files). Its encoder and projector (momentum or
 online) are restored once and carried in the student's train state under `state['teacher']`: they
 are saved with the student's checkpoints (so a MimCo workdir is self-contained for the tools) but
 are no part of `params`, so they get no gradient and no optimizer state, and the step returns them
@@ -30,6 +31,9 @@ def resolve_teacher(config) -> None:
   own config.json, read by the tools) is left as it is.
   """
   if config.teacher.spec is not None:
+    return
+  if config.teacher.get('checkpoint'):
+    _resolve_teacher_file(config)
     return
   workdir = config.teacher.workdir
   path = os.path.join(workdir, 'config.json')
@@ -66,6 +70,30 @@ def resolve_teacher(config) -> None:
       method=teacher.method, image_size=teacher.image_size, model=teacher.model.to_dict()))
 
 
+def _resolve_teacher_file(config) -> None:
+  """A PyTorch teacher (MoCo v3 layout): built with the student's model fields, cls-pooled as in
+  MoCo v3. Reading it here checks every shape before anything compiles."""
+  spec = ml_collections.ConfigDict(dict(method='mocov3', image_size=config.image_size,
+                                        model=dict(config.model.to_dict(), pool='cls')))
+  config.teacher.spec = spec
+  _read_teacher_file(config)
+
+
+def _read_teacher_file(config) -> dict:
+  from macrl_jax import interop_files  # only with a file to read (it may need torch)
+  path = config.teacher.checkpoint
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.teacher.checkpoint: {path} does not exist')
+  variables = interop_files.load_variables(path, teacher_config(config),
+                                           encoder=config.teacher.params,
+                                           interpolate_pos=config.init_interpolate_pos,
+                                           parts=('encoder', 'projector'))
+  if 'projector' not in variables['params']:
+    raise ValueError(f'config.teacher.checkpoint: {path} has no projector; a MimCo teacher needs '
+                     "MoCo v3's layout (module.base_encoder.head.* / module.momentum_encoder.head.*)")
+  return variables
+
+
 def teacher_config(config) -> ml_collections.ConfigDict:
   """The teacher's own config, enough to build its modules (from config.teacher.spec)."""
   spec = config.teacher.spec
@@ -79,6 +107,8 @@ def teacher_config(config) -> ml_collections.ConfigDict:
 
 def load_teacher(config, mesh) -> dict:
   """The teacher's frozen variables {'params': {encoder, projector}, 'batch_stats': {projector}}."""
+  if config.teacher.get('checkpoint'):
+    return _read_teacher_file(config)
   from macrl_jax import train_step  # the teacher's state layout is the one train_step builds
   trainer = train_step.Trainer(teacher_config(config), mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -183,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   # MimCo: the frozen contrastive teacher and the student's two losses.
   c.teacher = ml_collections.ConfigDict(dict(
       workdir=ml_collections.FieldReference(None, field_type=str),  # a mocov3 or macrl workdir
+      # Or a PyTorch file in MoCo v3's layout (e.g. its public vit-s-300ep.pth.tar): the teacher
+      # is then built with this config's model fields (MoCo v3 ViT-S: model.num_heads=12).
+      checkpoint=ml_collections.FieldReference(None, field_type=str),
       step=ml_collections.FieldReference(None, field_type=int),  # None = latest
       params='momentum',  # 'momentum' | 'online' encoder and projector of the teacher
       spec=None,  # filled from the teacher's config.json: method, image_size, model
@@ -208,6 +211,13 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sharding = ml_collections.ConfigDict(dict(fsdp=False))
+
+  # Initialisation from a PyTorch file (timm ViT, MoCo v3 .pth.tar, MAE .pth, or a .safetensors of
+  # tools/export.py): the encoder, and the heads/decoder the file and the method both have.
+  c.init = ml_collections.FieldReference(None, field_type=str)
+  # A file whose position-embedding grid differs from image_size / patch_size is refused unless
+  # this is set; the encoder then uses the sin-cos table of its own grid.
+  c.init_interpolate_pos = False
 
   # Program: logging, evaluation and checkpoint cadence.
   c.log_every_steps = 50
@@ -350,10 +360,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
       fail(field, f'method={c.method} fixes {field}={value!r} (got {get_field(c, field)!r}); '
            'macrl trains both losses, mae only reconstruction, mocov3 only the contrastive one')
   if c.method == 'mimco':
-    if not c.teacher.workdir and c.teacher.spec is None:
+    if c.teacher.workdir and c.teacher.checkpoint:
+      fail('teacher.checkpoint', 'set teacher.workdir or teacher.checkpoint, not both')
+    if not c.teacher.workdir and not c.teacher.checkpoint and c.teacher.spec is None:
       fail('teacher.workdir', 'method=mimco needs a contrastive teacher: pre-train one first '
            '(python main.py --config=configs/digits.py:method=mocov3 --workdir=TEACHER), then pass '
-           '--config=configs/digits.py:method=mimco,teacher=TEACHER')
+           '--config=configs/digits.py:method=mimco,teacher=TEACHER, or pass a MoCo v3 file with '
+           '--config.teacher.checkpoint=FILE.pth.tar')
     if c.mask_ratio_strong <= 0:
       fail('mask_ratio_strong', 'method=mimco predicts the teacher at masked patches; mask some')
     if c.teacher.params not in ('momentum', 'online'):
@@ -367,6 +380,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     fail('lambda_con' if c.lambda_con == 0 else 'lambda_rec',
          'method=macrl trains both losses; use method=mae or method=mocov3 for one of them')
 
+  for field, path in (('init', c.get('init')), ('teacher.checkpoint', c.teacher.get('checkpoint'))):
+    if path and not path.endswith(('.safetensors', '.pth', '.pth.tar', '.pt', '.tar', '.bin')):
+      fail(field, f'{path!r} is not a .safetensors or PyTorch (.pth, .pth.tar) file')
   if c.temperature <= 0:
     fail('temperature', f'{c.temperature} must be > 0')
   if not 0.0 <= c.momentum_base <= 1.0:

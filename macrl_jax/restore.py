@@ -150,6 +150,22 @@ def random_init(config, seed: int | None = None, mesh=None) -> Restored:
                   state['params'].get('decoder'), state, mesh, None, 'online')
 
 
+def load_init_file(workdir: str, path: str, params: str = 'online', data_dir: str | None = None,
+                   mesh=None) -> Restored:
+  """The workdir's config with its model initialised from a PyTorch file (config.init) instead of
+  a checkpoint: a public MoCo v3 / MAE / timm ViT evaluated by the tools on this workdir's data."""
+  config = load_config(workdir)
+  if data_dir:
+    config.data_dir = data_dir
+  config.init = os.path.abspath(path)
+  try:
+    restored = random_init(config, mesh=mesh)
+    encoder = _encoder(restored.state, params, config)
+  except ValueError as e:  # interop.InteropError: the message names the tensor and the field
+    raise WorkdirError(f'--init: {e}') from None
+  return restored._replace(encoder_params=encoder, workdir=os.path.abspath(workdir), params=params)
+
+
 def require_pixel_decoder(restored: Restored) -> None:
   """Reconstruction pictures need a decoder that predicts pixels (macrl, mae)."""
   if restored.decoder_params is None or not presets.uses_reconstruction(restored.config):

@@ -181,6 +181,9 @@ class Trainer:
   def init_state(self, seed: int | None = None) -> State:
     seed = self.config.seed if seed is None else seed
     state = self.init(jax.random.PRNGKey(seed))
+    if self.config.get('init'):
+      from macrl_jax import interop_files  # only with a file to read (it may need torch)
+      state = interop_files.initialise(state, self.config, self.state_sharding)
     if self.teacher_modules is not None:
       teacher = mimco.load_teacher(self.config, self.mesh)
       state['teacher'] = jax.device_put(teacher, self.state_sharding['teacher'])
