@@ -185,6 +185,41 @@ def summarize(row: dict) -> None:
       row[f'{key}_std'] = statistics.pstdev(values) if len(values) > 1 else None
 
 
+def summary_lines(results: dict) -> list[str]:
+  """Per budget: each method's best trial by mean linear top-1, and macrl against the best of
+  mae and mocov3, with twice the larger seed std (a gap smaller than that is a tie)."""
+  rows, lines = results['rows'], []
+  for budget in ('epochs', 'time'):
+    candidates = [(n, r) for n, r in rows.items() if r.get('budget') == budget]
+    if budget == 'time' and candidates:  # the reference's time run is its epochs run
+      candidates += [(n, r) for n, r in rows.items()
+                     if r.get('budget') == 'epochs' and r.get('trial') == results.get('reference')]
+    best = {}
+    for name, row in candidates:
+      method = row['method']
+      if 'linear_top1' in row and (method not in best or
+                                   row['linear_top1'] > best[method][1]['linear_top1']):
+        best[method] = (row.get('trial', name), row)
+    if not best:
+      continue
+    chosen = ', '.join(f'{m}: {t} ({100 * r["linear_top1"]:.1f})' for m, (t, r) in best.items())
+    lines += ['', f'Best trial of each method by linear top-1, {budget} budget: {chosen}.']
+    rivals = [b for m, b in best.items() if m in ('mae', 'mocov3')]
+    if 'macrl' in best and rivals:
+      macrl = best['macrl'][1]
+      rival_name, rival = max(rivals, key=lambda b: b[1]['linear_top1'])
+      gap = macrl['linear_top1'] - rival['linear_top1']
+      stds = [r.get('linear_top1_std') for r in (macrl, rival)]
+      if None in stds:
+        lines.append(f'macrl − {rival_name}: {100 * gap:+.1f} points (one seed: no spread).')
+      else:
+        bar = 2 * max(stds)
+        verdict = 'macrl ahead' if gap > bar else ('macrl behind' if gap < -bar else 'a tie')
+        lines.append(f'macrl − {rival_name}: {100 * gap:+.1f} points; twice the larger seed '
+                     f'std: {100 * bar:.1f}; {verdict}.')
+  return lines
+
+
 def render(results) -> str:
   seeds = results['seeds']
   lines = [f'Protocol: {results["protocol"]} (evaluated on {results["eval_split"]}). Budget: '
@@ -212,6 +247,7 @@ def render(results) -> str:
     lines.append(f'| {row.get("trial", name)} | {row.get("method", "–")} | {overrides} | '
                  f'{row.get("budget", "–")} | {row.get("steps", "–")} | {pct(row, "knn_top1")} | '
                  f'{pct(row, "linear_top1")} | {per_seed} | {minutes} |')
+  lines += summary_lines(results)
   if results.get('step_seconds'):
     lines += ['', 'Step seconds (median, timed alternately in one process): ' + ', '.join(
         f'{k} {v:.3f}' for k, v in results['step_seconds'].items())]
@@ -273,7 +309,8 @@ def main(argv):
   seeds = [int(s) for s in FLAGS.seeds]
   base = method_config('macrl')
   results = json.load(open(path)) if os.path.exists(path) else {'rows': {}}
-  results.update(protocol=FLAGS.protocol, eval_split=base.test_split, command=' '.join(
+  results.update(protocol=FLAGS.protocol, eval_split=base.test_split, reference=FLAGS.reference,
+                 command=' '.join(
       ['python'] + sys.argv), seeds=sorted(set(results.get('seeds', [])) | set(seeds)),
       budget=f'{base.total_steps} steps × batch {base.batch_size} (epochs), {base.dataset} at '
              f'{base.image_size} px, variant {base.model.variant}')
