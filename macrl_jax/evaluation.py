@@ -1,7 +1,7 @@
 """Frozen features of a restored encoder, their .npz files, top-k accuracy and the kNN evaluation.
 
 Shared by tools/extract_features.py, knn_eval.py and linear_probe.py. Features are computed on the
-full, unmasked test-time images (SPEC §1), the batch sharded over every device of the mesh; the eval
+full, unmasked test-time images, the batch sharded over every device of the mesh; the eval
 iterator pads the last batch and `knn.extract` drops the padding, so each example appears once.
 """
 
@@ -89,7 +89,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
 
 def knn_eval(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
              temperature: float = 0.07, weighted: bool = True) -> dict:
-  """Top-1/top-5 of the kNN vote of SPEC §2 (weighted by exp(sim / T), or uniform)."""
+  """Top-1/top-5 of the kNN vote (weighted by exp(sim / T), or uniform)."""
   scores = knn.knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature,
                            weighted=weighted)
   return {'top1': topk_accuracy(scores, test_labels, 1),

@@ -1,4 +1,4 @@
-"""Full fine-tuning of a pre-trained encoder (SPEC §2), MAE's recipe at small scale.
+"""Full fine-tuning of a pre-trained encoder, MAE's recipe at small scale.
 
   classifier = encoder (drop path) → pool (cls token, or mean of patch tokens + LayerNorm) → linear
   AdamW, linear warm-up + cosine, lr = base_lr · batch / 256, layer-wise lr decay (BEiT/MAE: block i

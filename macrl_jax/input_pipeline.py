@@ -3,7 +3,7 @@
 This is the only module of the package that imports TensorFlow (it hides the accelerators from it,
 so that they stay JAX's). Everything is returned as numpy.
 
-Datasets (SPEC §4): `config.dataset` is one of `known_datasets()`: cifar10, cifar100, imagenette
+Datasets: `config.dataset` is one of `known_datasets()`: cifar10, cifar100, imagenette
 (TFDS catalogue; a catalogue config may follow, e.g. 'imagenette/160px-v2'), digits, tiny_imagenet,
 imagenet100 (builders in macrl_jax/datasets/) or 'folder:/path' (an image folder). `get_builder`
 prepares a dataset once into `config.data_dir` (default ~/tensorflow_datasets) and reuses it.
@@ -22,7 +22,7 @@ skips are never read, decoded or augmented, and a checkpoint needs only the step
 The order depends on the process count: resuming on another number of processes is valid but sees
 other batches.
 
-Augmentations (SPEC §1, fields of presets.strong_aug()), per example and view: RandomResizedCrop
+Augmentations (fields of presets.view_aug()), per example and view: RandomResizedCrop
 (tf.image's box sampler: area `crop_scale`, aspect `crop_ratio`, whole image after 10 failed tries;
 JPEGs decode only the box), horizontal flip, colour jitter with torchvision's semantics (brightness
 as a factor, then contrast, saturation, hue, in this fixed order), grayscale, Gaussian blur (σ drawn
@@ -346,7 +346,7 @@ def _disk_source(builder, split: str, rows: np.ndarray) -> _Source:
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentations (SPEC §1), on one example; `key` is a stateless seed, int64 [2].
+# Augmentations, on one example; `key` is a stateless seed, int64 [2].
 
 
 def _split(key: tf.Tensor, n: int) -> list[tf.Tensor]:

@@ -1,4 +1,4 @@
-"""Frozen features of a labelled split and the weighted kNN classifier of SPEC §2.
+"""Frozen features of a labelled split and the weighted kNN classifier.
 
 kNN (Wu et al. 2018, as in DINO/MoCo monitors): cosine similarity between L2-normalised features,
 the k nearest train features vote for their label with weight exp(sim / T); top-1 of the votes.

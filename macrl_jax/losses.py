@@ -1,4 +1,4 @@
-"""The loss terms of SPEC §1: masked-patch reconstruction (MAE) and InfoNCE (MoCo v3)."""
+"""The loss terms: masked-patch reconstruction (MAE) and InfoNCE (MoCo v3)."""
 
 from __future__ import annotations
 

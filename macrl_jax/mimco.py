@@ -1,4 +1,4 @@
-"""MimCo (SPEC §1): a masked student predicts a frozen contrastive teacher's features.
+"""MimCo: a masked student predicts a frozen contrastive teacher's features.
 
 The teacher is any mocov3 or macrl workdir of this codebase, or a PyTorch file in MoCo v3's layout
 (config.teacher.checkpoint, read by interop_files). Its encoder and projector (momentum or

@@ -1,4 +1,4 @@
-"""Linear probe on cached frozen features (MAE protocol, SPEC §2).
+"""Linear probe on cached frozen features (MAE protocol).
 
 The classifier is BatchNorm without affine parameters followed by one linear layer (MAE's
 `BatchNorm1d(affine=False)` + `Linear`): the BatchNorm only standardises the features, so the model

@@ -109,7 +109,7 @@ def _mean_metrics(history: list[tuple[int, dict]]) -> dict:
 
 
 def make_knn_eval(config, trainer: train_step.Trainer, mesh, input_pipeline):
-  """kNN monitor (SPEC §2): online encoder features, train split as memory, whole test split."""
+  """kNN monitor: online encoder features, train split as memory, whole test split."""
   feature_fn = knn.make_feature_fn(trainer.modules.encoder, config.model.pool, mesh)
   batch_size = config.knn.eval_batch_size // jax.process_count()
 

@@ -1,4 +1,4 @@
-"""The evaluation tools (SPEC §2): restoring workdirs, features, kNN, linear probe, fine-tuning and
+"""The evaluation tools: restoring workdirs, features, kNN, linear probe, fine-tuning and
 reconstruction pictures.
 
 Fast tests run the tools on a tiny in-test pre-training run (40 steps on digits) and check the

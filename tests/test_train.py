@@ -61,7 +61,7 @@ def test_default_command_writes_the_workdir_and_beats_random_init(default_run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert str(workdir) in proc.stdout
   config = load_config('digits')
-  # SPEC §3 layout.
+  # The workdir layout.
   assert json.load(open(workdir / 'config.json'))['method'] == 'macrl'
   assert glob.glob(str(workdir / 'events.out.tfevents.*'))
   assert os.path.isdir(workdir / 'checkpoints' / str(config.total_steps))

@@ -1,4 +1,4 @@
-r"""Full fine-tuning of the pre-trained encoder (SPEC §2); --from_scratch: the random-init baseline.
+r"""Full fine-tuning of the pre-trained encoder; --from_scratch: the random-init baseline.
 
   python tools/finetune.py --workdir=workdirs/tin10_macrl [--epochs=50] [--batch_size=128] \
       [--base_lr=1e-3] [--layer_decay=0.75] [--drop_path=0.1] [--label_smoothing=0.1] \

@@ -1,4 +1,4 @@
-r"""Weighted kNN top-1/top-5 of frozen features (SPEC §2): the train split as memory, test queries.
+r"""Weighted kNN top-1/top-5 of frozen features: the train split as memory, test queries.
 
   python tools/knn_eval.py --workdir=workdirs/digits_macrl [--k=20] [--temperature=0.07] \
       [--step=N] [--pool=cls|mean] [--params=online|momentum] [--data_dir=TFDS_DIR]

@@ -1,4 +1,4 @@
-r"""Linear probe of frozen features (MAE protocol, SPEC §2): non-affine BatchNorm + linear layer.
+r"""Linear probe of frozen features (MAE protocol): non-affine BatchNorm + linear layer.
 
   python tools/linear_probe.py --workdir=workdirs/digits_macrl [--shots=N] [--seeds=5] \
       [--epochs=90] [--lr=0.1] [--optimizer=sgd|lars|adamw] [--step=N] [--pool=cls|mean] \

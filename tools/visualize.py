@@ -1,4 +1,4 @@
-r"""Reconstruction pictures (SPEC §2): one PNG per masked branch, a row per test image, four panels:
+r"""Reconstruction pictures: one PNG per masked branch, a row per test image, four panels:
 original | masked input | reconstruction | reconstruction with the visible patches pasted back.
 
   python tools/visualize.py --workdir=workdirs/digits_macrl [--num=8] [--mask_ratio=0.75] \

@@ -1,6 +1,6 @@
 """`digits`: the 8×8 handwritten digits that scikit-learn ships, as a TFDS builder.
 
-The default dataset of the project (SPEC §3): it needs no download, because `sklearn.datasets.
+The default dataset of the project: it needs no download, because `sklearn.datasets.
 load_digits` reads a file installed with scikit-learn. 1,797 images of 10 classes; pixel values
 0..16 are scaled to uint8 0..255 and repeated to three (RGB) channels so that every dataset of the
 project has the same image layout.
