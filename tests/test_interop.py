@@ -276,6 +276,22 @@ def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
   assert d_enc <= TOL and d_dec <= TOL
 
 
+def test_mae_export_import_is_exact(tmp_path):
+  """Our encoder and decoder written in MAE's layout (tools/export.py --decoder) read back exactly."""
+  config = config_for('mae')
+  modules = models.make_modules(config)
+  want = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
+  dims = presets.vit_dims(config.model)
+  num_patches = (config.image_size // dims['patch_size']) ** 2
+  sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
+            **interop.decoder_to_mae(want['params']['decoder'], num_patches))
+  path = str(tmp_path / 'ours.mae.pth')
+  interop_files.write_torch(path, {'model': sd})
+  got = interop_files.load_variables(path, config)
+  for part in ('encoder', 'decoder'):
+    jax.tree.map(np.testing.assert_array_equal, got['params'][part], want['params'][part])
+
+
 # ------------------------------------------------------------------------------------ timm, errors
 def test_timm_learned_cls_position_is_folded_into_the_cls_token():
   config = config_for('macrl')
