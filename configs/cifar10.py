@@ -1,4 +1,4 @@
-"""CIFAR-10 (TFDS), 32 px, ViT-S/4 (64 tokens).
+"""CIFAR-10 (TFDS), 32 px, ViT-S/4 (64 tokens); configs/cifar100.py is this with CIFAR-100.
 
   python main.py --config=configs/cifar10.py:method=macrl --workdir=workdirs/cifar10_macrl
 
@@ -9,10 +9,10 @@ Expected result: not yet measured with this codebase (README "Results" lists wha
 from macrl_jax import presets
 
 
-def get_config(arg=None):
+def get_config(arg=None, dataset='cifar10', num_classes=10):
   c = presets.base_config()
-  c.dataset = 'cifar10'
-  c.num_classes = 10
+  c.dataset = dataset
+  c.num_classes = num_classes
   c.image_size = 32
   c.batch_size = 512
   c.total_steps = 200 * 50_000 // 512  # 200 epochs

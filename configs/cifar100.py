@@ -1,4 +1,4 @@
-"""CIFAR-100 (TFDS), 32 px, ViT-S/4 (64 tokens).
+"""CIFAR-100 (TFDS), 32 px, ViT-S/4 (64 tokens): configs/cifar10.py with the 100 classes.
 
   python main.py --config=configs/cifar100.py:method=macrl --workdir=workdirs/cifar100_macrl
 
@@ -6,25 +6,8 @@ TFDS downloads CIFAR-100 on first use (~160 MB) unless it is prepared in --confi
 Expected result: not yet measured with this codebase (README "Results" lists what has been run).
 """
 
-from macrl_jax import presets
+from configs import cifar10
 
 
 def get_config(arg=None):
-  c = presets.base_config()
-  c.dataset = 'cifar100'
-  c.num_classes = 100
-  c.image_size = 32
-  c.batch_size = 512
-  c.total_steps = 200 * 50_000 // 512  # 200 epochs
-  c.model.variant = 'S/4'
-  c.model.decoder_width = 256
-  c.model.decoder_depth = 4
-  c.model.decoder_heads = 8
-  c.model.proj_hidden = 2048
-  c.model.pred_hidden = 2048
-  c.optim.warmup_steps = 10 * 50_000 // 512
-  c.log_every_steps = 100
-  c.eval_every_steps = 5000
-  c.checkpoint_every_steps = 2000
-  c.knn.eval_batch_size = 512
-  return presets.configure(c, arg)
+  return cifar10.get_config(arg, dataset='cifar100', num_classes=100)

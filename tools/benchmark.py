@@ -2,6 +2,8 @@
 
   python tools/benchmark.py --config=configs/cifar100.py --synthetic --config.batch_size=64
   python tools/benchmark.py --config=configs/cifar100.py:method=mae --synthetic --parts
+  python tools/benchmark.py --config=configs/cifar100.py --synthetic --config.batch_size=64 \
+      --compare_torch   # against benchmarks/torch_step.py, eager and torch.compile
   python tools/benchmark.py --config=configs/tiny_imagenet.py \
       --config.manual_dir=../shared/data/tiny-imagenet-10 --config.num_classes=10   # real input
 
@@ -58,6 +60,11 @@ _SYNTHETIC = flags.DEFINE_bool('synthetic', False, 'Feed one device-resident ran
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (the median is reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Steps before timing.')
 _PARTS = flags.DEFINE_bool('parts', False, 'Also compile and time each part of the step alone.')
+_COMPARE_TORCH = flags.DEFINE_bool(
+    'compare_torch', False, 'Also time the PyTorch reference of the same step (benchmarks/'
+    'torch_step.py, eager and torch.compile), alternating with ours, and report the ratios '
+    '(needs requirements-interop.txt; --synthetic; method macrl).')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds of --compare_torch.')
 _PEAK_SIZE = flags.DEFINE_integer(
     'peak_size', 0, 'Side of the square matmul measuring the peak (0: 2048 on CPU, 8192 else).')
 
@@ -189,6 +196,31 @@ def time_steps(step, state, batches, warmup: int, steps: int):
 def repeat(batch):
   while True:
     yield batch
+
+
+# --------------------------------------------------------------------------------------- torch
+def compare_torch(config, step, state, batches, rounds: int, steps: int) -> dict:
+  """Images/s of our compiled step and of the PyTorch reference (eager, torch.compile), each
+  timed for `steps` steps in turn, `rounds` times, in this process: the ratios are ours / theirs."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  'benchmarks'))
+  import torch_step  # pylint: disable=g-import-not-at-top
+
+  runners = {'torch eager': torch_step.make_step(config)[0],
+             'torch.compile': torch_step.make_step(config, compile_model=True)[0]}
+  for name, run in runners.items():  # warm-up (torch.compile compiles here)
+    torch_step.time_step(run, config, steps=1, warmup=2)
+  times = {'ours': [], **{name: [] for name in runners}}
+  for _ in range(rounds):
+    walls, state = time_steps(step, state, batches, 1, steps)
+    times['ours'] += [t.wall for t in walls]
+    for name, run in runners.items():
+      times[name] += torch_step.time_step(run, config, steps=steps, warmup=1)
+  rate = {k: config.batch_size / statistics.median(v) for k, v in times.items()}
+  return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()},
+              ratio_vs_torch_eager=round(rate['ours'] / rate['torch eager'], 3),
+              ratio_vs_torch_compile=round(rate['ours'] / rate['torch.compile'], 3),
+              rounds=rounds, steps_per_round=steps, torch_threads=torch_step.torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------------------- parts
@@ -354,6 +386,10 @@ def main(argv):
       load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after the steps
       xla_flags=os.environ.get('XLA_FLAGS', ''),
   )
+  if _COMPARE_TORCH.value:
+    if not _SYNTHETIC.value or config.method != 'macrl':
+      raise app.UsageError('--compare_torch times method=macrl on a random batch: add --synthetic')
+    result['torch'] = compare_torch(config, compiled, state, batches, _ROUNDS.value, _STEPS.value)
   print_table(result)
   print(json.dumps(result))
 
