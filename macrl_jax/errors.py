@@ -25,6 +25,10 @@ class UserError(ValueError):
   """A mistake the user can fix; the message says what was wrong and what to do."""
 
 
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder the user named (or must provide) is not there."""
+
+
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)

@@ -26,11 +26,13 @@ import re
 
 import tensorflow_datasets as tfds
 
+from macrl_jax.errors import MissingFileError, UserError
+
 SPLIT_DIRS = ('train', 'val', 'validation', 'test')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError):
   """An image file that cannot be decoded; the message starts with its path."""
 
 
@@ -111,7 +113,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # The folder is read in place.
     root = self.builder_config.root
     if not self.builder_config.class_names:
-      raise FileNotFoundError(f'image folder {root}: expected class subfolders in {root}/train')
+      raise MissingFileError(f'image folder {root}: expected class subfolders in {root}/train')
     return {split: self._generate_examples(os.path.join(root, split))
             for split in SPLIT_DIRS if os.path.isdir(os.path.join(root, split))}
 
@@ -120,7 +122,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     for class_name in _subdirs(split_dir):
       if class_name not in names:
         train_dir = os.path.join(os.path.dirname(split_dir), 'train')
-        raise ValueError(f'{split_dir}/{class_name}: class not in {train_dir} (classes there: '
+        raise UserError(f'{split_dir}/{class_name}: class not in {train_dir} (classes there: '
                          f'{", ".join(names)})')
       class_dir = os.path.join(split_dir, class_name)
       for file_name in sorted(filter(_is_image, os.listdir(class_dir))):
