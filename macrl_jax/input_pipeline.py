@@ -50,8 +50,10 @@ The format is the one the dataset was prepared in (see `config.data.file_format`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -59,6 +61,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from macrl_jax import datasets as ds_lib
+from macrl_jax.datasets import image_folder as folder_lib
 from macrl_jax.datasets import imagenet100 as imagenet100_lib
 from macrl_jax.datasets import tiny_imagenet as tiny_lib
 from macrl_jax.errors import MissingFileError, UserError
@@ -164,6 +167,12 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   data_dir = _data_dir(config)
   manual_dir = _manual_dir(config, data_dir)
   builder = _make_builder(config, data_dir, manual_dir)
+  folder = builder.name == 'image_folder'
+  if folder and builder.is_prepared() and folder_lib.is_stale(builder):
+    logging.warning('%s changed since it was prepared in %s; preparing it again.',
+                    builder.builder_config.root, builder.data_dir)
+    shutil.rmtree(builder.data_dir)
+    builder = _make_builder(config, data_dir, manual_dir)
   if not builder.is_prepared():
     _check_can_prepare(builder, config, data_dir, manual_dir)
     try:
@@ -179,6 +188,8 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
           f'({type(e).__name__}: {e}). Prepare it where there is internet access: `tfds build '
           f'{config.dataset} --data_dir={data_dir}` (or `{_PREPARE_HINT}`), then copy '
           f'{data_dir}/{builder.name} here') from e
+    if folder:
+      folder_lib.record_fingerprint(builder)
   _check_num_classes(builder, config)
   return builder
 
