@@ -40,8 +40,12 @@ class CheckpointSaveError(UserError):
 
 
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  # The step directory is made before save() returns: when it cannot be made (permissions, full
+  # disk), save() raises at once, where an asynchronous creation leaves Orbax's writer threads
+  # waiting minutes for it.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   # Registering both items lets either be restored alone (meta is read before any array).
   handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),

@@ -80,7 +80,7 @@ def test_workdir_that_is_a_file_or_under_a_file_is_named(digits_dir, tmp_path):
 
 def test_workdir_error_from_the_command_line_is_one_line(tmp_path):
   (tmp_path / 'file').write_text('')
-  proc = run_main('--config.total_steps=2', f'--workdir={tmp_path / "file"}')
+  proc = run_main(f'--workdir={tmp_path / "file"}')
   assert f'--workdir {tmp_path / "file"} is a file' in one_error_line(proc)
 
 
