@@ -34,7 +34,7 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
-def run(main, flags_parser=None) -> None:
+def run(main) -> None:
   """absl's app.run(main) with user errors (including flag values) printed as one line."""
 
   def parse(argv):
@@ -49,7 +49,7 @@ def run(main, flags_parser=None) -> None:
     except UserError as e:
       fail(str(e))
 
-  app.run(wrapped, flags_parser=flags_parser or parse)
+  app.run(wrapped, flags_parser=parse)
 
 
 # ----------------------------------------------------------------------------------- config flags
