@@ -215,6 +215,11 @@ def test_tools_never_change_a_workdir_and_name_an_unreadable_step(digits_dir, tm
   with pytest.raises(checkpoint.UnreadableCheckpointError) as e:
     restore.load_workdir(str(workdir), step=2)
   assert str(e.value).startswith('checkpoint step 2 is unreadable (') and '\n' not in str(e.value)
+  # The command line prints that line alone.
+  proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'linear_probe.py'),
+                         f'--workdir={workdir}', '--step=2'], capture_output=True, text=True,
+                        timeout=300)
+  assert one_error_line(proc).startswith('error: checkpoint step 2 is unreadable (')
   assert (workdir / 'checkpoints' / '2').is_dir()
   assert not (workdir / 'checkpoints_unreadable').exists()
 
