@@ -7,14 +7,26 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from macrl_jax import errors
+
 REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'digits.py')
+
+if __name__ == '__main__':
+  # Before the config flag loads the file and applies the overrides, which it reports as chained
+  # tracebacks: a missing file or an unknown field ends in one line instead.
+  try:
+    errors.check_config_args(sys.argv[1:], DEFAULT_CONFIG)
+  except errors.UserError as e:
+    errors.fail(str(e))
 
 config_flags.DEFINE_config_file(
-    'config', os.path.join(REPO, 'configs', 'digits.py'),
+    'config', DEFAULT_CONFIG,
     'Config file, optionally with arguments: configs/NAME.py:method=mae,variant=S/4.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go. Default: workdirs/<dataset>_<method>.')
@@ -72,4 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -6,8 +6,9 @@ that a checkpoint of another model is told apart from an unreadable one without 
 The data position is the step itself: the input pipeline is a pure function of (config, step,
 process), so resuming at step s needs nothing more.
 
-Restoring goes from the newest step down, skipping (and moving aside, never deleting) a checkpoint
-that cannot be read, e.g. one half-written when a machine died during a save.
+Restoring goes from the newest step down, skipping a checkpoint that cannot be read, e.g. one
+half-written when a machine died during a save. Training moves it aside (never deletes it) so that
+its step can be saved again; the evaluation tools only skip it, they never change a workdir.
 """
 
 from __future__ import annotations
@@ -23,14 +24,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from macrl_jax.errors import MissingFileError, UserError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError):
   """The workdir's checkpoint holds another model than the config builds."""
 
 
+class UnreadableCheckpointError(UserError):
+  """The checkpoint of an explicitly requested step cannot be read."""
+
+
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written (full disk, permissions, ...)."""
+
+
 def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  # The step directory is made before save() returns: when it cannot be made (permissions, full
+  # disk), save() raises at once, where an asynchronous creation leaves Orbax's writer threads
+  # waiting minutes for it.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   # Registering both items lets either be restored alone (meta is read before any array).
   handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -38,9 +53,33 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Checkpo
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+  """Starts saving `step` in the background; raises CheckpointSaveError if this save or the one
+  before failed, so that the run stops at once instead of training on without checkpoints."""
   meta = dict(meta, step=step, shapes=_shapes(state))
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
+  try:
+    mngr.check_for_errors()
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+    raise _save_error(mngr, e) from e
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the last save and closes `mngr`; raises CheckpointSaveError if a save failed."""
+  try:
+    mngr.wait_until_finished()
+    mngr.check_for_errors()
+  except Exception as e:  # noqa: BLE001
+    raise _save_error(mngr, e) from e
+  mngr.close()
+
+
+def _save_error(mngr, error: Exception) -> CheckpointSaveError:
+  reason = f'{type(error).__name__}: {str(error).splitlines()[0][:300]}' if str(error) else \
+      type(error).__name__
+  return CheckpointSaveError(f'saving a checkpoint to {mngr.directory} failed ({reason}); the run '
+                             f'stopped. Free disk space or fix the permissions, then rerun to '
+                             f'resume from the last checkpoint ({mngr.all_steps() or "none"}).')
 
 
 def _shapes(tree) -> dict[str, list[int]]:
@@ -52,11 +91,14 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
 
-def check_compatible(meta: dict, where: str, abstract_state: Any) -> None:
-  """Raises CheckpointMismatchError naming the first differing array and both of its shapes."""
+def check_compatible(meta: dict, where: str, abstract_state: Any, partial: bool = False) -> None:
+  """Raises CheckpointMismatchError naming the first differing array and both of its shapes.
+
+  With `partial`, `abstract_state` is a part of the saved state: other saved arrays are ignored.
+  """
   saved = {k: tuple(v) for k, v in meta['shapes'].items()}
   wanted = {k: tuple(v) for k, v in _shapes(abstract_state).items()}
-  for key in sorted(set(saved) | set(wanted)):
+  for key in sorted(set(wanted) if partial else set(saved) | set(wanted)):
     if saved.get(key) != wanted.get(key):
       have = saved.get(key, 'absent')
       want = wanted.get(key, 'absent')
@@ -81,17 +123,33 @@ def _move_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> Non
   mngr.reload()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
-                   step: int | None = None) -> tuple[Any, dict] | None:
+def _unreadable(mngr, step: int, error: Exception) -> UnreadableCheckpointError:
+  return UnreadableCheckpointError(
+      f'checkpoint step {step} is unreadable ({type(error).__name__}: '
+      f'{str(error).splitlines()[0][:200] if str(error) else ""}); it was probably half-written '
+      f'when a run died. Pick another --step (available: {sorted(mngr.all_steps())})')
+
+
+def _skip(mngr, step: int, error: Exception) -> None:
+  logging.warning('Checkpoint step %d cannot be read (%s: %s); trying the one before.', step,
+                  type(error).__name__, str(error).splitlines()[0][:200] if str(error) else '')
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None,
+                   move_aside: bool = False, partial: bool = False) -> tuple[Any, dict] | None:
   """The newest readable checkpoint (or `step`) as (state, meta); None when there is none.
 
   `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: the arrays are restored
-  straight into that layout (sharded across processes with fsdp).
+  straight into that layout (sharded across processes with fsdp). An unreadable checkpoint is
+  skipped, and with `move_aside` (training only) moved to checkpoints_unreadable/; one asked for by
+  `step` raises UnreadableCheckpointError.
+  With `partial`, `abstract_state` is a part of the saved state and only its arrays are read.
   """
+  skip = _move_aside if move_aside else _skip
   steps = sorted(mngr.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise FileNotFoundError(f'No checkpoint at step {step} in {mngr.directory}; '
+      raise MissingFileError(f'No checkpoint at step {step} in {mngr.directory}; '
                               f'available steps: {sorted(steps) or "none"}')
     steps = [step]
   for s in steps:
@@ -99,17 +157,28 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any,
       meta = read_meta(mngr, s)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, not fatal
       if step is not None:
-        raise
-      _move_aside(mngr, s, e)
+        raise _unreadable(mngr, s, e) from None
+      skip(mngr, s, e)
       continue
-    check_compatible(meta, os.path.join(str(mngr.directory), str(s)), abstract_state)
+    check_compatible(meta, os.path.join(str(mngr.directory), str(s)), abstract_state, partial)
     try:
-      restored = mngr.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+      restored = _restore_state(mngr, s, abstract_state, partial)
     except Exception as e:  # noqa: BLE001
       if step is not None:
-        raise
-      _move_aside(mngr, s, e)
+        raise _unreadable(mngr, s, e) from None
+      skip(mngr, s, e)
       continue
-    return restored['state'], meta
+    return restored, meta
   return None
+
+
+def _restore_state(mngr, step: int, abstract_state: Any, partial: bool) -> Any:
+  if not partial:
+    return mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))['state']
+  # Only the arrays of abstract_state, e.g. a MimCo teacher's encoder out of a whole train state.
+  path = os.path.join(str(mngr.directory), str(step), 'state')
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        abstract_state, restore_args=restore_args, partial_restore=True))

@@ -3,8 +3,8 @@
   python tools/NAME.py --workdir=DIR [--step=N] [--params=online|momentum] [--data_dir=TFDS_DIR]
   python tools/NAME.py --workdir=DIR --init=vit-s-300ep.pth.tar   # a PyTorch file instead
 
-A workdir the tools cannot use (WorkdirError) ends the program with its message and exit status 1,
-not a traceback.
+A workdir the tools cannot use (WorkdirError), like any user error, ends the program with its
+message and exit status 2, not a traceback. The tools never change the workdir they read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from macrl_jax import restore
+from macrl_jax import errors, restore
 
 FLAGS = flags.FLAGS
 
@@ -72,10 +72,6 @@ def run(main, required=('workdir',)) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     _quiet_libraries()
-    try:
-      main()
-    except restore.WorkdirError as e:
-      print(f'error: {e}', file=sys.stderr, flush=True)
-      sys.exit(1)
+    main()
 
-  app.run(wrapped)
+  errors.run(wrapped)

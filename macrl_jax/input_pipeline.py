@@ -50,8 +50,10 @@ The format is the one the dataset was prepared in (see `config.data.file_format`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -59,8 +61,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from macrl_jax import datasets as ds_lib
+from macrl_jax.datasets import image_folder as folder_lib
 from macrl_jax.datasets import imagenet100 as imagenet100_lib
 from macrl_jax.datasets import tiny_imagenet as tiny_lib
+from macrl_jax.errors import MissingFileError, UserError
 
 try:  # TF must not reserve GPU memory that JAX needs; this fails only if TF already ran something.
   tf.config.set_visible_devices([], 'GPU')
@@ -120,7 +124,7 @@ def _make_builder(config, data_dir: str, manual_dir: str) -> tfds.core.DatasetBu
     return ds_lib.Imagenet100(**kwargs)
   if base in CATALOGUE:
     return tfds.builder(name, **kwargs)
-  raise ValueError(f'config.dataset: unknown dataset {name!r}; known: '
+  raise UserError(f'config.dataset: unknown dataset {name!r}; known: '
                    f'{", ".join(known_datasets())}')
 
 
@@ -133,7 +137,7 @@ def _tiny_imagenet_builder(config, data_dir, manual_dir, kwargs):
               if c.startswith(f'c{config.get("num_classes")}_')]
   if len(prepared) == 1:
     return ds_lib.TinyImagenet(config=tiny_lib.TinyImagenetConfig(name=prepared[0]), **kwargs)
-  raise FileNotFoundError(
+  raise MissingFileError(
       f'dataset tiny_imagenet is not prepared in {data_dir}/{tiny_lib.NAME} and '
       f'{tiny_lib.missing_source_message(manual_dir)}; it is prepared on first use (or with '
       f'`{_PREPARE_HINT}`)')
@@ -145,7 +149,7 @@ def _check_can_prepare(builder, config, data_dir: str, manual_dir: str) -> None:
   if name == 'imagenet100':
     train = os.path.join(manual_dir, imagenet100_lib.ARCHIVES[0])
     if not os.path.isfile(train):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f'dataset imagenet100 is not prepared in {data_dir}/imagenet100: put '
           f'{" and ".join(imagenet100_lib.ARCHIVES)} (ImageNet 2012, from '
           f'https://image-net.org/download-images) in the manual dir {manual_dir} (or set '
@@ -153,7 +157,7 @@ def _check_can_prepare(builder, config, data_dir: str, manual_dir: str) -> None:
   if name == 'image_folder':
     root = builder.builder_config.root
     if not os.path.isdir(os.path.join(root, 'train')):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f'dataset {config.dataset!r} is not prepared in {data_dir}/image_folder and {root}/train '
           'does not exist: the folder needs train/<class>/<image> (and val/ or test/ likewise)')
 
@@ -163,6 +167,12 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   data_dir = _data_dir(config)
   manual_dir = _manual_dir(config, data_dir)
   builder = _make_builder(config, data_dir, manual_dir)
+  folder = builder.name == 'image_folder'
+  if folder and builder.is_prepared() and folder_lib.is_stale(builder):
+    logging.warning('%s changed since it was prepared in %s; preparing it again.',
+                    builder.builder_config.root, builder.data_dir)
+    shutil.rmtree(builder.data_dir)
+    builder = _make_builder(config, data_dir, manual_dir)
   if not builder.is_prepared():
     _check_can_prepare(builder, config, data_dir, manual_dir)
     try:
@@ -173,11 +183,13 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     except Exception as e:
       if builder.name not in CATALOGUE:
         raise
-      raise RuntimeError(
+      raise UserError(
           f'dataset {config.dataset!r} is not prepared in {data_dir} and could not be downloaded '
           f'({type(e).__name__}: {e}). Prepare it where there is internet access: `tfds build '
           f'{config.dataset} --data_dir={data_dir}` (or `{_PREPARE_HINT}`), then copy '
           f'{data_dir}/{builder.name} here') from e
+    if folder:
+      folder_lib.record_fingerprint(builder)
   _check_num_classes(builder, config)
   return builder
 
@@ -186,7 +198,7 @@ def _check_num_classes(builder, config) -> None:
   n = builder.info.features['label'].num_classes
   expected = config.get('num_classes')
   if expected is not None and n is not None and n != expected:
-    raise ValueError(f'config.num_classes: {expected}, but dataset {config.dataset!r} has {n} '
+    raise UserError(f'config.num_classes: {expected}, but dataset {config.dataset!r} has {n} '
                      f'classes; set --config.num_classes={n}')
 
 
@@ -483,13 +495,13 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, process_count={process_count})')
+    raise UserError(f'process_index {process_index} is not in [0, process_count={process_count})')
   return process_index, process_count
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(f'config.batch_size: global batch {batch_size} is not divisible by the '
+    raise UserError(f'config.batch_size: global batch {batch_size} is not divisible by the '
                      f'{process_count} processes')
   return batch_size // process_count
 
@@ -528,8 +540,8 @@ def create_pretrain_iterator(config, *, start_step: int = 0, process_index: int 
   builder = get_builder(config)
   source = _get_source(builder, config, config.train_split, p, num_p)
   if source.size == 0:
-    raise ValueError(f'process {p} of {num_p} has no examples of split {config.train_split!r} of '
-                     f'{config.dataset!r} ({num_examples(config, config.train_split)} examples)')
+    raise UserError(f'process {p} of {num_p} has no examples of split {config.train_split!r} of '
+                    f'{config.dataset!r} ({num_examples(config, config.train_split)} examples)')
   views = [config.aug.view1, config.aug.view2][:config.num_views]
   seed = int(config.seed)
   m = source.size

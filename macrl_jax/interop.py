@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from macrl_jax import models, presets
+from macrl_jax.errors import UserError
 
 
-class InteropError(ValueError):
+class InteropError(UserError):
   """A file that cannot be converted; the message names the tensor and the config field."""
 
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from macrl_jax import checkpoint, losses, models, presets
+from macrl_jax import checkpoint, losses, models, optim, presets
+from macrl_jax.errors import MissingFileError, UserError
 
 
 # ----------------------------------------------------------------------------------- the teacher
@@ -38,33 +39,33 @@ def resolve_teacher(config) -> None:
   workdir = config.teacher.workdir
   path = os.path.join(workdir, 'config.json')
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'config.teacher.workdir: {workdir} does not exist. Pre-train the teacher '
+    raise MissingFileError(f'config.teacher.workdir: {workdir} does not exist. Pre-train the teacher '
                             'first, e.g. python main.py --config=configs/digits.py:method=mocov3 '
                             f'--workdir={workdir}')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'config.teacher.workdir: {workdir} has no config.json; is it a workdir '
+    raise MissingFileError(f'config.teacher.workdir: {workdir} has no config.json; is it a workdir '
                             'of this codebase?')
   with open(path) as f:
     teacher = ml_collections.ConfigDict(json.load(f))
   if teacher.method not in ('mocov3', 'macrl'):
-    raise ValueError(f'config.teacher.workdir: {workdir} was trained with method={teacher.method}; '
+    raise UserError(f'config.teacher.workdir: {workdir} was trained with method={teacher.method}; '
                      'a MimCo teacher must be contrastive (mocov3 or macrl)')
   mngr = checkpoint.manager(workdir)
   steps = mngr.all_steps()
   mngr.close()
   if not steps:
-    raise FileNotFoundError(f'config.teacher.workdir: {workdir} has no checkpoint in '
+    raise MissingFileError(f'config.teacher.workdir: {workdir} has no checkpoint in '
                             f'{os.path.join(workdir, "checkpoints")}; its pre-training has not saved yet')
   student_patch = presets.vit_dims(config.model)['patch_size']
   teacher_patch = presets.vit_dims(teacher.model)['patch_size']
   if student_patch != teacher_patch:
-    raise ValueError(
+    raise UserError(
         f'config.teacher.workdir: the teacher has patch size {teacher_patch} (variant '
         f'{teacher.model.variant!r}) but the student has patch size {student_patch} (variant '
         f'{config.model.variant!r}); MimCo matches their tokens position by position, so use a '
         f'student variant with patch {teacher_patch}')
   if teacher.image_size != config.image_size:
-    raise ValueError(f'config.image_size: the teacher was trained at {teacher.image_size} px, the '
+    raise UserError(f'config.image_size: the teacher was trained at {teacher.image_size} px, the '
                      f'student at {config.image_size} px; their token grids must match')
   config.teacher.spec = ml_collections.ConfigDict(dict(
       method=teacher.method, image_size=teacher.image_size, model=teacher.model.to_dict()))
@@ -105,23 +106,58 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   return c
 
 
-def load_teacher(config, mesh) -> dict:
-  """The teacher's frozen variables {'params': {encoder, projector}, 'batch_stats': {projector}}."""
-  if config.teacher.get('checkpoint'):
-    return _read_teacher_file(config)
+def _teacher_parts(config, mesh) -> dict:
+  """The parts of the teacher's train state MimCo uses, as ShapeDtypeStructs laid out on `mesh`.
+
+  Only these are restored: the rest of the teacher's state (optimizer, queue, ...) may be of any
+  shape, e.g. a teacher trained with queue_size > 0.
+  """
   from macrl_jax import train_step  # the teacher's state layout is the one train_step builds
   trainer = train_step.Trainer(teacher_config(config), mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           trainer.abstract_state, trainer.state_sharding)
-  mngr = checkpoint.manager(config.teacher.workdir)
-  state, _ = checkpoint.restore_latest(mngr, abstract, config.teacher.step)
-  mngr.close()
   if config.teacher.params == 'momentum':
-    params, stats = state['ema_params'], state['ema_batch_stats']
-  else:
-    params = {k: state['params'][k] for k in ('encoder', 'projector')}
-    stats = {'projector': state['batch_stats']['projector']}
-  return {'params': params, 'batch_stats': stats}
+    return {k: abstract[k] for k in ('ema_params', 'ema_batch_stats')}
+  return {'params': {k: abstract['params'][k] for k in ('encoder', 'projector')},
+          'batch_stats': {'projector': abstract['batch_stats']['projector']}}
+
+
+def _restore_teacher(config, mesh, read_arrays: bool):
+  parts = _teacher_parts(config, mesh)
+  mngr = checkpoint.manager(config.teacher.workdir)
+  try:
+    if not read_arrays:  # the shapes of the chosen checkpoint only
+      step = config.teacher.step
+      step = max(mngr.all_steps()) if step is None else step
+      meta = checkpoint.read_meta(mngr, step)
+      where = os.path.join(config.teacher.workdir, 'checkpoints', str(step))
+      checkpoint.check_compatible(meta, where, parts, partial=True)
+      return None
+    restored = checkpoint.restore_latest(mngr, parts, config.teacher.step, partial=True)
+  finally:
+    mngr.close()
+  if restored is None:
+    raise UserError(f'config.teacher.workdir: no readable checkpoint in '
+                    f'{os.path.join(config.teacher.workdir, "checkpoints")}')
+  return restored[0]
+
+
+def check_teacher_checkpoint(config) -> None:
+  """Checks, without reading arrays, that the teacher's checkpoint holds the parts MimCo needs."""
+  if config.teacher.get('checkpoint'):
+    return  # a PyTorch file: read and checked whole by resolve_teacher
+  from macrl_jax import sharding
+  _restore_teacher(config, sharding.make_mesh(), read_arrays=False)
+
+
+def load_teacher(config, mesh) -> dict:
+  """The teacher's frozen variables {'params': {encoder, projector}, 'batch_stats': {projector}}."""
+  if config.teacher.get('checkpoint'):
+    return _read_teacher_file(config)
+  state = _restore_teacher(config, mesh, read_arrays=True)
+  if config.teacher.params == 'momentum':
+    return {'params': state['ema_params'], 'batch_stats': state['ema_batch_stats']}
+  return state
 
 
 # ----------------------------------------------------------------------------------- the student
@@ -185,8 +221,10 @@ def make_train_step(config, modules: models.Modules, teacher: models.Modules,
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = dict(state, step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    metrics = dict(terms, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-                   lr=lr_fn(step))
+    norms = dict(loss=terms['loss'], grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
+    new, skipped = optim.guard_non_finite(new, state, norms)
+    metrics = dict(terms, **norms, lr=lr_fn(step), skipped=skipped)
     return new, metrics
 
   return train_step

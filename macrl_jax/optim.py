@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -29,3 +32,16 @@ def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformati
   if o.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, schedule
+
+
+def guard_non_finite(new_state, old_state, quantities: dict) -> tuple[Any, jax.Array]:
+  """(state, skipped): the new state when every scalar of `quantities` (loss, gradient and
+  parameter norms) is finite, else the old one.
+
+  Inside the jitted step, so a bad step costs the host nothing: it is refused on the device and
+  counted in the metrics (`skipped`), which the host reads when it syncs anyway. A finite step
+  selects the new values exactly, so its numerics are unchanged.
+  """
+  ok = jnp.all(jnp.isfinite(jnp.stack(list(quantities.values()))))
+  state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
+  return state, 1.0 - ok.astype(jnp.float32)

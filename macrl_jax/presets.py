@@ -10,7 +10,11 @@ Fields marked "ours" are choices the MACRL/MimCo papers' abstracts leave open.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
+
+from macrl_jax.errors import UserError
 
 # ViT variants (Dosovitskiy et al.; Ti/S from DeiT): width, depth, heads, mlp_dim.
 VIT_SIZES = {
@@ -231,7 +235,7 @@ def base_config() -> ml_collections.ConfigDict:
 def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
   """Sets the fields that make `method` what it is (METHOD_TABLE). Mutates and returns `c`."""
   if method not in METHOD_TABLE:
-    raise ValueError(f'config.method: unknown method {method!r}; known: {", ".join(METHODS)}')
+    raise UserError(f'config.method: unknown method {method!r}; known: {", ".join(METHODS)}')
   c.method = method
   entry = METHOD_TABLE[method]
   for field, value in {**entry['recipe'], **entry['fixed']}.items():
@@ -248,7 +252,7 @@ def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   if 'teacher' in args:
     c.teacher.workdir = args.pop('teacher')
   if args:
-    raise ValueError(f'unknown config argument(s) {sorted(args)}; known: method, variant, teacher. '
+    raise UserError(f'unknown config argument(s) {sorted(args)}; known: method, variant, teacher. '
                      'Set any other field with --config.FIELD=VALUE')
   return c
 
@@ -261,7 +265,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     if not item:
       continue
     if '=' not in item:
-      raise ValueError(f'config argument {item!r} must look like key=value (e.g. method=mae)')
+      raise UserError(f'config argument {item!r} must look like key=value (e.g. method=mae)')
     key, value = item.split('=', 1)
     out[key.strip()] = value.strip()
   return out
@@ -275,7 +279,7 @@ def vit_dims(model_cfg) -> dict:
     width, depth, heads, mlp = VIT_SIZES[size]
     patch = int(patch)
   except (ValueError, KeyError):
-    raise ValueError(
+    raise UserError(
         f'config.model.variant: unknown variant {variant!r}; expected "<size>/<patch>" with size in '
         f'{sorted(VIT_SIZES)} (e.g. "S/4", "B/16")') from None
   dims = dict(patch_size=patch, width=width, depth=depth, num_heads=heads, mlp_dim=mlp)
@@ -303,10 +307,10 @@ def view_mask_ratios(c) -> list[float]:
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ValueError naming the offending field; runs before any compilation."""
+  """Raises UserError naming the offending field; runs before any compilation."""
 
   def fail(field, msg):
-    raise ValueError(f'config.{field}: {msg}')
+    raise UserError(f'config.{field}: {msg}')
 
   if c.method not in METHODS:
     fail('method', f'unknown method {c.method!r}; known: {", ".join(METHODS)}')
@@ -404,3 +408,26 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     fail('total_steps', f'{c.total_steps} must be > 0')
   if c.optim.warmup_steps < 0 or c.optim.warmup_steps > c.total_steps:
     fail('optim.warmup_steps', f'{c.optim.warmup_steps} must be in [0, total_steps={c.total_steps}]')
+  _validate_numbers(c, fail)
+
+
+def _validate_numbers(c, fail) -> None:
+  """Values that would train without an error but to nothing (a negative rate, a decay above 1)."""
+
+  def check(field, value, ok, want):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+      fail(field, f'{value} must be {want}')
+
+  o = c.optim
+  check('optim.base_lr', o.base_lr, lambda v: v > 0, '> 0')
+  check('optim.min_lr', o.min_lr, lambda v: 0 <= v <= o.base_lr, f'in [0, base_lr={o.base_lr}]')
+  check('optim.weight_decay', o.weight_decay, lambda v: v >= 0, '>= 0')
+  for field in ('b1', 'b2'):
+    check(f'optim.{field}', o[field], lambda v: 0 <= v < 1, 'in [0, 1)')
+  if o.grad_clip is not None:
+    check('optim.grad_clip', o.grad_clip, lambda v: v > 0, '> 0 (or None for no clipping)')
+  check('model.drop_path', c.model.drop_path, lambda v: 0 <= v < 1, 'in [0, 1)')
+  check('knn.k', c.knn.k, lambda v: v >= 1, '>= 1')
+  check('knn.temperature', c.knn.temperature, lambda v: v > 0, '> 0')
+  for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    check(field, c[field], lambda v: v >= 1, '>= 1')

@@ -20,11 +20,12 @@ import jax
 import ml_collections
 
 from macrl_jax import checkpoint, models, presets, sharding, train_step
+from macrl_jax.errors import UserError
 
 PARAMS = ('online', 'momentum')
 
 
-class WorkdirError(Exception):
+class WorkdirError(UserError):
   """A workdir the tools cannot use; the message says why and what to do."""
 
 
@@ -132,9 +133,10 @@ def load_workdir(workdir: str, step: int | None = None, params: str = 'online',
     restored = checkpoint.restore_latest(mngr, abstract, step)
   finally:
     mngr.close()
-  if restored is None:  # every checkpoint was unreadable (and was moved aside)
-    raise WorkdirError(f'no readable checkpoint in {ckpt_dir}; pre-train again with '
-                       f'python main.py --workdir={workdir} ...')
+  if restored is None:  # every checkpoint was unreadable (the tools leave them where they are)
+    raise WorkdirError(f'no readable checkpoint in {ckpt_dir} (steps {steps} cannot be read); '
+                       f'rerun the pre-training, python main.py --workdir={workdir} ..., which '
+                       f'moves them aside and starts again')
   state, meta = restored
   return Restored(config, int(meta['step']), trainer.modules, _encoder(state, params, config),
                   state['params'].get('decoder'), state, mesh, workdir, params)

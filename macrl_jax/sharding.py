@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -54,3 +55,14 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[st
   """
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def to_host(tree: Any) -> Any:
+  """The whole value of every array of `tree` as numpy, on every process.
+
+  With sharding.fsdp on several processes no process holds all of an array: gathering it is a
+  collective, so every process must call this.
+  """
+  if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

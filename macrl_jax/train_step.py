@@ -141,8 +141,10 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
         new['queue'], new['queue_ptr'] = losses.enqueue(
             state['queue'], state['queue_ptr'], jnp.concatenate(keys))
 
-    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params), lr=lr_fn(step), momentum=m)
+    norms = dict(loss=terms['loss'], grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params))
+    new, skipped = optim.guard_non_finite(new, state, norms)
+    metrics = dict(terms, **norms, lr=lr_fn(step), momentum=m, skipped=skipped)
     return new, metrics
 
   return train_step

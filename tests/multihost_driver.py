@@ -5,8 +5,9 @@
 Each process has 2 CPU devices; jax.distributed joins them over 127.0.0.1 with gloo collectives.
 Phase 1: three steps of a tiny config on a fixed global batch assembled from the process-local
 halves; writes its params and losses to OUT_DIR/process<i>.npz and saves a collective checkpoint.
-Phase 2: train.train_and_evaluate on digits for a few steps (per-process data shards, kNN,
-process-0-only logs, collective checkpoints).
+Phase 2: train.train_and_evaluate on digits for a few steps with sharding.fsdp (per-process data
+shards, parameters split across the processes, kNN and reconstruction pictures, process-0-only logs,
+collective checkpoints).
 """
 
 import os
@@ -56,7 +57,9 @@ def main(port, process_id, out_dir, data_dir):
   mngr.wait_until_finished()
   mngr.close()
 
-  result = train.train_and_evaluate(digits_config(data_dir, total_steps=4),
+  # With fsdp no process holds whole parameters: the kNN eval, the reconstruction pictures and the
+  # checkpoints must gather or save them collectively.
+  result = train.train_and_evaluate(digits_config(data_dir, total_steps=4, **{'sharding.fsdp': True}),
                                     os.path.join(out_dir, 'train_workdir'))
   print(f'process {process_id} done: {result}', flush=True)
 

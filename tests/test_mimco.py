@@ -97,6 +97,26 @@ def test_mimco_workdir_is_self_contained(digits_dir, teacher_dir, tmp_path):
   assert spec['method'] == 'mocov3' and spec['model']['variant'] == 'mu/4'
 
 
+def test_teacher_trained_with_a_queue_loads_only_what_mimco_needs(digits_dir, tmp_path):
+  """The teacher's queue (and optimizer state) are not restored, so their shapes do not matter."""
+  teacher = str(tmp_path / 'teacher')
+  train.train_and_evaluate(digits_config(digits_dir, 'mocov3', total_steps=2, queue_size=128),
+                           teacher)
+  config = student_config(digits_dir, teacher, total_steps=2)
+  result = train.train_and_evaluate(config, str(tmp_path / 'student'))
+  assert result['step'] == 2
+  loaded = mimco.load_teacher(config, sharding.make_mesh())
+  assert set(loaded) == {'params', 'batch_stats'} and set(loaded['params']) == {'encoder',
+                                                                                'projector'}
+
+
+def test_a_refused_teacher_leaves_no_student_workdir(digits_dir, teacher_dir, tmp_path):
+  config = student_config(digits_dir, teacher_dir, **{'model.variant': 'mu/2'})
+  with pytest.raises(ValueError, match='patch size'):
+    train.train_and_evaluate(config, str(tmp_path / 'student'))
+  assert not (tmp_path / 'student').exists()
+
+
 def test_teacher_with_another_patch_size_is_refused_naming_both(digits_dir, teacher_dir):
   config = student_config(digits_dir, teacher_dir, **{'model.variant': 'mu/2'})
   with pytest.raises(ValueError, match=r"patch size 4 \(variant 'mu/4'\).*patch size 2 \(variant 'mu/2'\)"):

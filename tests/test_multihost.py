@@ -13,6 +13,17 @@ from conftest import REPO, fixed_batch, tiny_config, without_gradient_free
 from macrl_jax import checkpoint, sharding, train_step
 
 
+def tf_summary_tags(workdir) -> set[str]:
+  """The tags of every summary in the workdir's TensorBoard event files."""
+  import glob  # noqa: PLC0415
+  import tensorflow as tf  # noqa: PLC0415
+  tags = set()
+  for path in glob.glob(str(workdir / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -63,9 +74,12 @@ def test_two_processes_train_like_one(digits_dir, tmp_path):
   for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(restored)):
     np.testing.assert_array_equal(x, a[jax.tree_util.keystr(p)])
 
-  # The full program: only process 0 wrote logs; one checkpoint per save step, for both processes.
+  # The full program with fsdp: only process 0 wrote logs, with the eval (kNN and pictures) of the
+  # last step; one checkpoint per save step, for both processes.
   workdir = tmp_path / 'train_workdir'
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [2, 4]
-  assert 'knn_top1' in records[-1]
+  assert 0.0 <= records[-1]['knn_top1'] <= 1.0
   assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit()) == [2, 4]
+  events = tf_summary_tags(workdir)
+  assert {'reconstruction/view1', 'reconstruction/view2'} <= events, events

@@ -85,9 +85,9 @@ def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_pa
   with pytest.raises(restore.WorkdirError, match='method=mae has no momentum encoder'):
     restore.load_workdir(mae_run, params='momentum')
 
-  # The command line prints the message, not a traceback, and exits with status 1.
+  # The command line prints the message, not a traceback, and exits with status 2.
   proc = run_tool('linear_probe', f'--workdir={macrl_run["workdir"]}', '--step=7')
-  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.returncode == 2, proc.stderr[-3000:]
   assert 'error: no checkpoint at step 7' in proc.stderr and '[20, 40]' in proc.stderr
   assert 'Traceback' not in proc.stderr
 

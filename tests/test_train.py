@@ -151,7 +151,7 @@ def test_half_written_checkpoint_is_skipped_and_training_resumes(digits_dir, tmp
   assert result['step'] == 6
   assert 'Checkpoint step 4 cannot be read' in caplog.text
   steps_logged = [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')]
-  assert steps_logged.count(4) == 2, steps_logged  # the second run started again after step 2
+  assert steps_logged == [2, 4, 6], steps_logged  # step 4 logged again, once, after step 2
   moved = glob.glob(str(tmp_path / 'wd' / 'checkpoints_unreadable' / '4-*'))
   assert moved, 'the unreadable checkpoint is kept aside, not deleted'
   assert 6 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
@@ -178,18 +178,50 @@ def test_no_checkpoint_at_a_step_lists_the_available_ones(digits_dir, tmp_path):
     restore_params(config, workdir, step=7)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(digits_dir, tmp_path):
+def test_non_finite_step_is_refused_and_stops_before_any_eval(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
   train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
-  poisoned = digits_config(digits_dir, total_steps=8, **{'optim.base_lr': float('nan')})
+  before = jax.device_get(restore_params(digits_config(digits_dir), workdir)[0]['params'])
+  # A learning rate of 1e30 overflows the parameters at the first step: the step is refused on the
+  # device and found at the next log step (8), before the eval of that step.
+  poisoned = digits_config(digits_dir, total_steps=8, log_every_steps=4, eval_every_steps=8,
+                           **{'optim.base_lr': 1e30})
   with pytest.raises(train.NonFiniteLossError) as e:
     train.train_and_evaluate(poisoned, workdir)
   message = str(e.value)
-  assert 'at step 5' in message and 'learning rate' in message and 'param_norm=nan' in message
+  assert 'non-finite param_norm at step 5 (the step was not applied' in message, message
+  assert 'learning rate' in message and 'the last good checkpoint is step 4' in message
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'wd' / 'checkpoints') if d.isdigit())
   assert steps == [2, 4], steps
+  assert [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')] == [2, 4]  # no eval
   state, _ = restore_params(poisoned, workdir)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+  jax.tree.map(np.testing.assert_array_equal, state['params'], before)
+
+
+def test_non_finite_without_any_checkpoint_says_so(digits_dir, tmp_path):
+  poisoned = digits_config(digits_dir, total_steps=4, log_every_steps=4,
+                           **{'optim.base_lr': 1e30})
+  with pytest.raises(train.NonFiniteLossError, match='there is no checkpoint to go back to'):
+    train.train_and_evaluate(poisoned, str(tmp_path / 'wd'))
+
+
+def test_a_finite_step_is_unchanged_by_the_guard_and_a_bad_one_is_refused(make_config):
+  from conftest import fixed_batch
+  config = make_config('macrl')
+  mesh = sharding.make_mesh()
+  trainer = train_step.Trainer(config, mesh)
+  batch = sharding.make_global_batch(fixed_batch(config), mesh)
+  state = trainer.init_state()
+  before = jax.device_get(state)
+  state, metrics = trainer.step(state, batch)
+  assert float(metrics['skipped']) == 0.0 and int(state['step']) == 1
+  bad = dict(batch, view1=batch['view1'] * np.nan)
+  after_good = jax.device_get(state)
+  state, metrics = trainer.step(state, bad)
+  assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), after_good)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before['params']),
+                                                      jax.tree.leaves(after_good['params'])))
 
 
 # ----------------------------------------------------------------------------------- configs

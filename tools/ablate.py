@@ -44,8 +44,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from macrl_jax import errors  # noqa: E402
+from macrl_jax.errors import UserError  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Pre-training config (and overrides).',
                                 lock_config=False)
@@ -285,27 +288,27 @@ def main(argv):
   from macrl_jax import restore, train
 
   if not FLAGS.trials:
-    raise app.UsageError('--trials=FILE is required (a JSON object of trials)')
+    raise UserError('--trials=FILE is required (a JSON object of trials)')
   with open(FLAGS.trials) as f:
     trials = json.load(f)
   names = FLAGS.runs or list(trials)
   unknown = sorted(set(names) - set(trials))
   if unknown:
-    raise app.UsageError(f'--runs: {unknown} are not trials of {FLAGS.trials}: {sorted(trials)}')
+    raise UserError(f'--runs: {unknown} are not trials of {FLAGS.trials}: {sorted(trials)}')
   for name in list(names):  # a mimco trial's teacher trains before it
     teacher = trials[name].get('teacher')
     if trials[name]['method'] == 'mimco' and teacher not in trials:
-      raise app.UsageError(f'trial {name!r}: its "teacher" {teacher!r} is not a trial')
+      raise UserError(f'trial {name!r}: its "teacher" {teacher!r} is not a trial')
     if teacher and teacher not in names[:names.index(name)]:
       if teacher in names:
         names.remove(teacher)
       names.insert(names.index(name), teacher)
   if 'time' in FLAGS.budgets and FLAGS.reference not in names:
-    raise app.UsageError(f'--reference={FLAGS.reference!r} (whose step time sets the time budget) '
+    raise UserError(f'--reference={FLAGS.reference!r} (whose step time sets the time budget) '
                          f'is not among the trials run: {names}')
   for budget in FLAGS.budgets:
     if budget not in ('epochs', 'time'):
-      raise app.UsageError(f'--budgets: {budget!r} is not one of epochs, time')
+      raise UserError(f'--budgets: {budget!r} is not one of epochs, time')
   seeds = [int(s) for s in FLAGS.seeds]
   base = method_config('macrl')
   results = json.load(open(path)) if os.path.exists(path) else {'rows': {}}
@@ -365,4 +368,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

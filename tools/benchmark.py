@@ -44,7 +44,6 @@ from typing import NamedTuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,7 +51,8 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from macrl_jax import flops as flops_lib  # noqa: E402
-from macrl_jax import models, prefetch, presets, sharding, train_step  # noqa: E402
+from macrl_jax import errors, models, prefetch, presets, sharding, train_step  # noqa: E402
+from macrl_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/cifar100.py', lock_config=False)
@@ -388,7 +388,7 @@ def main(argv):
   )
   if _COMPARE_TORCH.value:
     if not _SYNTHETIC.value or config.method != 'macrl':
-      raise app.UsageError('--compare_torch times method=macrl on a random batch: add --synthetic')
+      raise UserError('--compare_torch times method=macrl on a random batch: add --synthetic')
     result['torch'] = compare_torch(config, compiled, state, batches, _ROUNDS.value, _STEPS.value)
   print_table(result)
   print(json.dumps(result))
@@ -396,4 +396,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  errors.run(main)

@@ -9,12 +9,13 @@ Each split is named after its folder ('train', 'val', 'validation', 'test'), so 
 at it with `train_split='train'`, `test_split='val'` (or whichever is there). Files with an image
 suffix (.jpg .jpeg .png .bmp .gif .webp .tif .tiff, any case) are read; other files are ignored.
 
-Preparation decodes every image once (PIL) and raises `CorruptImageError` naming the file, so a bad
-file is never silently dropped. JPEG and PNG bytes are stored as they are (TensorFlow decodes
-grayscale and CMYK JPEGs to RGB); other formats are re-encoded as PNG.
+Preparation first decodes every image (PIL) and raises one `CorruptImageError` listing every file
+that cannot be read, so a bad file is never silently dropped. JPEG and PNG bytes are stored as they
+are (TensorFlow decodes grayscale and CMYK JPEGs to RGB); other formats are re-encoded as PNG.
 
-The prepared copy lives in `<data_dir>/image_folder/<folder name>_<hash of its absolute path>/`; a
-changed folder is not noticed: delete that directory to prepare it again.
+The prepared copy lives in `<data_dir>/image_folder/<folder name>_<hash of its absolute path>/`,
+with a fingerprint of the folder (every file's relative name, size and modification time) beside
+it: when the folder has changed since, it is prepared again.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import re
 
 import tensorflow_datasets as tfds
 
+from macrl_jax.errors import MissingFileError, UserError
+
 SPLIT_DIRS = ('train', 'val', 'validation', 'test')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError):
   """An image file that cannot be decoded; the message starts with its path."""
 
 
@@ -58,6 +61,40 @@ def checked_image_bytes(data: bytes, path: str, size: tuple[int, int] | None = N
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
     raise CorruptImageError(f'{path}: cannot decode image ({type(e).__name__}: {e}); delete or '
                             'replace the file, then prepare the dataset again') from e
+
+
+def fingerprint(root: str) -> str:
+  """A hash of the relative name, size and modification time of every file of the split folders."""
+  h = hashlib.sha1()
+  for split in SPLIT_DIRS:
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, split)):
+      dirnames.sort()
+      for name in sorted(filenames):
+        st = os.stat(os.path.join(dirpath, name))
+        rel = os.path.relpath(os.path.join(dirpath, name), root)
+        h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()
+
+
+def _fingerprint_path(builder) -> str:
+  return os.path.join(builder.data_dir, 'folder_fingerprint.txt')
+
+
+def record_fingerprint(builder) -> None:
+  with open(_fingerprint_path(builder), 'w') as f:
+    f.write(fingerprint(builder.builder_config.root))
+
+
+def is_stale(builder) -> bool:
+  """Whether the folder changed since it was prepared (False once the folder is gone)."""
+  root = builder.builder_config.root
+  if not os.path.isdir(os.path.join(root, 'train')):
+    return False
+  try:
+    with open(_fingerprint_path(builder)) as f:
+      return f.read() != fingerprint(root)
+  except FileNotFoundError:
+    return True
 
 
 def _is_image(name: str) -> bool:
@@ -111,21 +148,37 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # The folder is read in place.
     root = self.builder_config.root
     if not self.builder_config.class_names:
-      raise FileNotFoundError(f'image folder {root}: expected class subfolders in {root}/train')
-    return {split: self._generate_examples(os.path.join(root, split))
-            for split in SPLIT_DIRS if os.path.isdir(os.path.join(root, split))}
+      raise MissingFileError(f'image folder {root}: expected class subfolders in {root}/train')
+    split_dirs = [os.path.join(root, s) for s in SPLIT_DIRS if os.path.isdir(os.path.join(root, s))]
+    # All corrupt files in one message, rather than one per preparation attempt.
+    corrupt = []
+    for split_dir in split_dirs:
+      for _, path in self._images(split_dir):
+        try:
+          with open(path, 'rb') as f:
+            checked_image_bytes(f.read(), path)
+        except CorruptImageError as e:
+          corrupt.append(str(e).split('; delete')[0])
+    if corrupt:
+      raise CorruptImageError(f'{len(corrupt)} image(s) of {root} cannot be decoded; delete or '
+                              f'replace them, then run again: ' + ' | '.join(corrupt))
+    return {os.path.basename(d): self._generate_examples(d) for d in split_dirs}
 
-  def _generate_examples(self, split_dir: str):
+  def _images(self, split_dir: str):
+    """(class name, path) of every image of a split, checking its classes against train/'s."""
     names = self.builder_config.class_names
     for class_name in _subdirs(split_dir):
       if class_name not in names:
         train_dir = os.path.join(os.path.dirname(split_dir), 'train')
-        raise ValueError(f'{split_dir}/{class_name}: class not in {train_dir} (classes there: '
-                         f'{", ".join(names)})')
+        raise UserError(f'{split_dir}/{class_name}: class not in {train_dir} (classes there: '
+                        f'{", ".join(names)})')
       class_dir = os.path.join(split_dir, class_name)
       for file_name in sorted(filter(_is_image, os.listdir(class_dir))):
-        path = os.path.join(class_dir, file_name)
-        with open(path, 'rb') as f:
-          image = checked_image_bytes(f.read(), path)
-        key = f'{class_name}/{file_name}'
-        yield key, {'image': image, 'label': class_name, 'file_name': key}
+        yield class_name, os.path.join(class_dir, file_name)
+
+  def _generate_examples(self, split_dir: str):
+    for class_name, path in self._images(split_dir):
+      with open(path, 'rb') as f:
+        image = checked_image_bytes(f.read(), path)
+      key = f'{class_name}/{os.path.basename(path)}'
+      yield key, {'image': image, 'label': class_name, 'file_name': key}

@@ -29,6 +29,8 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
+from macrl_jax.errors import MissingFileError, UserError
+
 from macrl_jax.datasets.image_folder import checked_image_bytes
 
 NAME = 'tiny_imagenet'
@@ -50,7 +52,7 @@ class SourceTree:
       # The official zip holds everything under tiny-imagenet-200/; find where wnids.txt is.
       found = sorted((n for n in self._zip.namelist() if n.endswith('wnids.txt')), key=len)
       if not found:
-        raise FileNotFoundError(f'{path}: no wnids.txt inside; is it the Tiny ImageNet zip?')
+        raise MissingFileError(f'{path}: no wnids.txt inside; is it the Tiny ImageNet zip?')
       self._prefix = found[0][:-len('wnids.txt')]
       self._names = set(self._zip.namelist())
 
@@ -151,7 +153,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     if source is None:
       source = find_source(dl_manager.manual_dir)
       if source is None:
-        raise FileNotFoundError(missing_source_message(dl_manager.manual_dir))
+        raise MissingFileError(missing_source_message(dl_manager.manual_dir))
     tree = SourceTree(source)
     return {'train': self._generate_examples(tree, 'train'),
             'validation': self._generate_examples(tree, 'validation')}
@@ -168,7 +170,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
       folder = f'train/{wnid}/images'
       names = [n for n in tree.listdir(folder) if n.upper().endswith('.JPEG')]
       if not names:
-        raise FileNotFoundError(f'{tree.display(folder)}: no training images of class {wnid}, '
+        raise MissingFileError(f'{tree.display(folder)}: no training images of class {wnid}, '
                                 'which wnids.txt lists')
       for name in names:
         yield name, self._example(tree, f'{folder}/{name}', wnid)

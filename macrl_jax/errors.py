@@ -1,0 +1,98 @@
+"""User mistakes end in one line, not a traceback.
+
+`UserError` is raised for anything the user can fix (a bad config value, missing data, a bad path,
+a workdir in use). `run(main)` is the one place that turns it into `error: <message>` on stderr
+and exit status 2; any other exception is an internal error and keeps its traceback.
+
+The config flag of ml_collections loads the config file and applies `--config.FIELD=VALUE` while
+flags are defined and parsed, and reports a mistake there as several chained tracebacks;
+`check_config_args` checks the same arguments first, so that they fail with one line too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+from absl import app, flags
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+  """A mistake the user can fix; the message says what was wrong and what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder the user named (or must provide) is not there."""
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def run(main) -> None:
+  """absl's app.run(main) with user errors (including flag values) printed as one line."""
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(str(e).splitlines()[0])
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=parse)
+
+
+# ----------------------------------------------------------------------------------- config flags
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of --name=V or --name V in argv (the last one wins, as absl's parser does)."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      value = arg.split('=', 1)[1]
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _load_config_file(spec: str):
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+    known = sorted(f'configs/{n}' for n in os.listdir(configs) if n.endswith('.py'))
+    raise UserError(f'config file {path} not found; the configs are: {", ".join(known)}')
+  module_spec = importlib.util.spec_from_file_location('_checked_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def unknown_field(path: str, known) -> UserError:
+  parent, _, leaf = path.rpartition('.')
+  close = difflib.get_close_matches(leaf, list(known), n=1)
+  hint = f'; did you mean config.{parent + "." if parent else ""}{close[0]}?' if close else ''
+  return UserError(f'unknown field config.{path}{hint}')
+
+
+def check_config_args(argv: list[str], default: str, name: str = 'config') -> None:
+  """Raises UserError for a missing config file or a `--config.FIELD` the config does not have."""
+  config = _load_config_file(_flag_value(argv, name) or default)
+  for arg in argv:
+    if not arg.startswith(f'--{name}.'):
+      continue
+    path = arg[len(name) + 3:].split('=', 1)[0]
+    node = config
+    for i, part in enumerate(path.split('.')):
+      if not hasattr(node, 'keys') or part not in node:
+        raise unknown_field('.'.join(path.split('.')[:i + 1]),
+                            node.keys() if hasattr(node, 'keys') else [])
+      node = node[part]
