@@ -200,6 +200,19 @@ def _linear(sd, name, out, inp, field, where, in_perm=None, out_perm=None, bias=
   return p
 
 
+def block_to_timm(block: dict, prefix: str) -> dict[str, np.ndarray]:
+  """One transformer block's flax params → timm's Block keys under `prefix` (torch layout)."""
+  sd = {}
+  for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_1', 'norm2')):
+    sd[prefix + theirs + '.weight'] = np.asarray(block[ours]['scale'])
+    sd[prefix + theirs + '.bias'] = np.asarray(block[ours]['bias'])
+  for ours, theirs in ((block['attn']['qkv'], 'attn.qkv'), (block['attn']['out'], 'attn.proj'),
+                       (block['mlp_in'], 'mlp.fc1'), (block['mlp_out'], 'mlp.fc2')):
+    sd[prefix + theirs + '.weight'] = np.asarray(ours['kernel']).T
+    sd[prefix + theirs + '.bias'] = np.asarray(ours['bias'])
+  return sd
+
+
 def encoder_to_timm(params: dict, dims: dict, image_size: int) -> dict[str, np.ndarray]:
   """Flax encoder params (scanned or not) → timm VisionTransformer state dict (numpy)."""
   d, p = dims['width'], dims['patch_size']
@@ -213,14 +226,7 @@ def encoder_to_timm(params: dict, dims: dict, image_size: int) -> dict[str, np.n
       'patch_embed.proj.bias': np.asarray(params['embedding']['bias']),
   }
   for i, b in enumerate(blocks):
-    pre = f'blocks.{i}.'
-    for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_1', 'norm2')):
-      sd[pre + theirs + '.weight'] = np.asarray(b[ours]['scale'])
-      sd[pre + theirs + '.bias'] = np.asarray(b[ours]['bias'])
-    for ours, theirs in ((b['attn']['qkv'], 'attn.qkv'), (b['attn']['out'], 'attn.proj'),
-                         (b['mlp_in'], 'mlp.fc1'), (b['mlp_out'], 'mlp.fc2')):
-      sd[pre + theirs + '.weight'] = np.asarray(ours['kernel']).T
-      sd[pre + theirs + '.bias'] = np.asarray(ours['bias'])
+    sd.update(block_to_timm(b, f'blocks.{i}.'))
   sd['norm.weight'] = np.asarray(t['norm']['scale'])
   sd['norm.bias'] = np.asarray(t['norm']['bias'])
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
@@ -359,14 +365,7 @@ def decoder_to_mae(params: dict, num_patches: int) -> dict[str, np.ndarray]:
         'decoder_pred.weight': np.asarray(params['pred']['kernel']).T,
         'decoder_pred.bias': np.asarray(params['pred']['bias'])}
   for i, b in enumerate(unstack_blocks(t)):
-    pre = f'decoder_blocks.{i}.'
-    for ours, theirs in (('LayerNorm_0', 'norm1'), ('LayerNorm_1', 'norm2')):
-      sd[pre + theirs + '.weight'] = np.asarray(b[ours]['scale'])
-      sd[pre + theirs + '.bias'] = np.asarray(b[ours]['bias'])
-    for ours, theirs in ((b['attn']['qkv'], 'attn.qkv'), (b['attn']['out'], 'attn.proj'),
-                         (b['mlp_in'], 'mlp.fc1'), (b['mlp_out'], 'mlp.fc2')):
-      sd[pre + theirs + '.weight'] = np.asarray(ours['kernel']).T
-      sd[pre + theirs + '.bias'] = np.asarray(ours['bias'])
+    sd.update(block_to_timm(b, f'decoder_blocks.{i}.'))
   return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
 
 
