@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from conftest import digits_config, fixed_batch, tiny_config  # noqa: E402
+from helpers import digits_config, fixed_batch, tiny_config  # noqa: E402
 
 
 def replicated_value(x):

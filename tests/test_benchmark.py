@@ -5,12 +5,12 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 TINY = '''
 import sys
 sys.path.insert(0, {tests!r})
-from conftest import tiny_config
+from helpers import tiny_config
 
 def get_config():
   return tiny_config('macrl', queue_size=64)

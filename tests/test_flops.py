@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from conftest import fixed_batch, tiny_config
+from helpers import fixed_batch, tiny_config
 from macrl_jax import flops, sharding, train_step
 
 

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import override  # noqa: E402
+from helpers import override  # noqa: E402
 from macrl_jax import input_pipeline, presets  # noqa: E402
 from macrl_jax.datasets import CorruptImageError  # noqa: E402
 from macrl_jax.datasets.imagenet100 import CLASS_NAMES  # noqa: E402

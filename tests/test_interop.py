@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, digits_config, tiny_config
+from helpers import REPO, digits_config, tiny_config
 from macrl_jax import interop, interop_files, models, presets, train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, digits_config, override
+from helpers import REPO, digits_config, override
 from macrl_jax import losses, mimco, sharding, train, train_step
 
 

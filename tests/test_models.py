@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import stack_blocks
+from helpers import stack_blocks
 from macrl_jax import models, presets
 
 

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO, fixed_batch, tiny_config, without_gradient_free
+from helpers import REPO, fixed_batch, tiny_config, without_gradient_free
 from macrl_jax import checkpoint, sharding, train_step
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, digits_config
+from helpers import REPO, digits_config
 from macrl_jax import errors, presets
 
 MAIN = str(REPO / 'main.py')

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA, digits_config, load_config, override
+from helpers import REPO, SHARED_DATA, digits_config, load_config, override
 from macrl_jax import checkpoint, evaluation, finetune, input_pipeline, probe, restore, train
 
 TINY_IMAGENET_10 = SHARED_DATA / 'tiny-imagenet-10'
@@ -93,7 +93,7 @@ def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_pa
 
 
 def test_visualize_refuses_a_method_without_pixel_decoder():
-  from conftest import tiny_config
+  from helpers import tiny_config
   model = restore.random_init(tiny_config('mocov3'))
   with pytest.raises(restore.WorkdirError, match='method=mocov3 has no pixel decoder'):
     restore.require_pixel_decoder(model)

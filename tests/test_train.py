@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import REPO, SHARED_DATA, digits_config, load_config, override
+from helpers import REPO, SHARED_DATA, digits_config, load_config, override
 from macrl_jax import checkpoint, input_pipeline, knn, sharding, train, train_step
 
 MAIN = str(REPO / 'main.py')
@@ -206,7 +206,7 @@ def test_non_finite_without_any_checkpoint_says_so(digits_dir, tmp_path):
 
 
 def test_a_finite_step_is_unchanged_by_the_guard_and_a_bad_one_is_refused(make_config):
-  from conftest import fixed_batch
+  from helpers import fixed_batch
   config = make_config('macrl')
   mesh = sharding.make_mesh()
   trainer = train_step.Trainer(config, mesh)

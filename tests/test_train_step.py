@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixed_batch, override, tiny_config, without_gradient_free
+from helpers import fixed_batch, override, tiny_config, without_gradient_free
 from macrl_jax import optim, presets, sharding, train_step
 
 
@@ -174,7 +174,7 @@ def test_unknown_method_preset():
 
 def test_scanned_blocks_give_the_same_step():
   """model.scan only changes the layout of the block parameters (stacked), not the step's result."""
-  from conftest import stack_blocks
+  from helpers import stack_blocks
   mesh = sharding.make_mesh(jax.devices()[:1])
   batch = sharding.make_global_batch(fixed_batch(tiny_config('macrl')), mesh)
   results = {}
