@@ -15,6 +15,7 @@ import difflib
 import importlib.util
 import os
 import sys
+import threading
 
 from absl import app, flags
 
@@ -31,6 +32,10 @@ class MissingFileError(UserError, FileNotFoundError):
 
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
+  # Background threads of a library that was interrupted (e.g. Orbax's event loop after a failed
+  # read) may still report their own shutdown as they die: the one line above is the message.
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
   sys.exit(EXIT_USER_ERROR)
 
 

@@ -45,9 +45,14 @@ def main(port, process_id, out_dir, data_dir):
   full = fixed_batch(config)
   half = config.batch_size // 2
   local = {k: v[process_id * half:(process_id + 1) * half] for k, v in full.items()}
+  batch = sharding.make_global_batch(local, mesh)
+  # The step's first collective sets up gloo over all 4 devices, again within 30 s of each other:
+  # compile first (its length differs between the processes on a loaded machine), then meet.
+  step = trainer.step.lower(state, batch).compile()
+  multihost_utils.sync_global_devices('step compiled')
   losses = []
   for _ in range(3):
-    state, metrics = trainer.step(state, sharding.make_global_batch(local, mesh))
+    state, metrics = step(state, batch)
     losses.append(float(replicated_value(metrics['loss'])))
   flat = {jax.tree_util.keystr(p): replicated_value(x)
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
