@@ -32,11 +32,24 @@ class MissingFileError(UserError, FileNotFoundError):
 
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
-  # Background threads of a library that was interrupted (e.g. Orbax's event loop after a failed
-  # read) may still report their own shutdown as they die: the one line above is the message.
-  sys.unraisablehook = lambda unraisable: None
-  threading.excepthook = lambda args: None
   sys.exit(EXIT_USER_ERROR)
+
+
+def _is_closed_loop_callback(exc_type, exc) -> bool:
+  """Orbax's read threads post their results to its asyncio loop; when a read fails (a half-written
+  checkpoint), the loop is closed first and each late thread reports this RuntimeError."""
+  return exc_type is RuntimeError and str(exc) == 'Event loop is closed'
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Lets the one-line message of a failed read stand alone: the late threads' report of a closed
+  event loop is dropped, every other uncaught exception reported as usual."""
+  excepthook, unraisablehook, thread_hook = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = lambda t, e, tb: None if _is_closed_loop_callback(t, e) else excepthook(t, e, tb)
+  sys.unraisablehook = lambda u: (None if _is_closed_loop_callback(u.exc_type, u.exc_value)
+                                  else unraisablehook(u))
+  threading.excepthook = lambda a: (None if _is_closed_loop_callback(a.exc_type, a.exc_value)
+                                    else thread_hook(a))
 
 
 def run(main) -> None:
@@ -54,6 +67,7 @@ def run(main) -> None:
     except UserError as e:
       fail(str(e))
 
+  _quiet_closed_loop_callbacks()
   app.run(wrapped, flags_parser=parse)
 
 
