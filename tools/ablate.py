@@ -356,8 +356,12 @@ def main(argv):
           config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
                                                 f'seed{seed}')
         start = time.time()
-        train.train_and_evaluate(config, workdir)
+        outcome = train.train_and_evaluate(config, workdir)
         seconds = time.time() - start
+        if outcome.get('preempted'):
+          # Stopped by SIGTERM or Ctrl-C: the run saved its state; record nothing and stop here.
+          logging.warning('Stopped during trial %s; rerun the same command to resume.', key)
+          return
         scores = probe(restore.load_workdir(workdir), seed)
         for metric, value in scores.items():
           row.setdefault(f'{metric}_per_seed', []).append(value)
