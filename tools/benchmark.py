@@ -65,6 +65,8 @@ _COMPARE_TORCH = flags.DEFINE_bool(
     'torch_step.py, eager and torch.compile), alternating with ours, and report the ratios '
     '(needs requirements-interop.txt; --synthetic; method macrl).')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds of --compare_torch.')
+_TORCH_MODES = flags.DEFINE_list('torch_modes', ['eager', 'compile'],
+                                 'PyTorch variants --compare_torch times: eager, compile.')
 _PEAK_SIZE = flags.DEFINE_integer(
     'peak_size', 0, 'Side of the square matmul measuring the peak (0: 2048 on CPU, 8192 else).')
 
@@ -199,15 +201,20 @@ def repeat(batch):
 
 
 # --------------------------------------------------------------------------------------- torch
-def compare_torch(config, step, state, batches, rounds: int, steps: int) -> dict:
+def compare_torch(config, step, state, batches, rounds: int, steps: int,
+                  modes=('eager', 'compile')) -> dict:
   """Images/s of our compiled step and of the PyTorch reference (eager, torch.compile), each
   timed for `steps` steps in turn, `rounds` times, in this process: the ratios are ours / theirs."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'benchmarks'))
   import torch_step  # pylint: disable=g-import-not-at-top
 
-  runners = {'torch eager': torch_step.make_step(config)[0],
-             'torch.compile': torch_step.make_step(config, compile_model=True)[0]}
+  builders = {'eager': ('torch eager', lambda: torch_step.make_step(config)[0]),
+              'compile': ('torch.compile', lambda: torch_step.make_step(config, compile_model=True)[0])}
+  unknown = sorted(set(modes) - set(builders))
+  if unknown:
+    raise UserError(f'--torch_modes: {unknown} are not among {sorted(builders)}')
+  runners = {builders[m][0]: builders[m][1]() for m in modes}
   for name, run in runners.items():  # warm-up (torch.compile compiles here)
     torch_step.time_step(run, config, steps=1, warmup=2)
   times = {'ours': [], **{name: [] for name in runners}}
@@ -217,10 +224,9 @@ def compare_torch(config, step, state, batches, rounds: int, steps: int) -> dict
     for name, run in runners.items():
       times[name] += torch_step.time_step(run, config, steps=steps, warmup=1)
   rate = {k: config.batch_size / statistics.median(v) for k, v in times.items()}
-  return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()},
-              ratio_vs_torch_eager=round(rate['ours'] / rate['torch eager'], 3),
-              ratio_vs_torch_compile=round(rate['ours'] / rate['torch.compile'], 3),
-              rounds=rounds, steps_per_round=steps, torch_threads=torch_step.torch.get_num_threads())
+  ratios = {f'ratio_vs_{k.replace(" ", "_").replace(".", "_")}': round(rate['ours'] / v, 3)
+            for k, v in rate.items() if k != 'ours'}
+  return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()}, **ratios, rounds=rounds, steps_per_round=steps, torch_threads=torch_step.torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------------------- parts
@@ -389,7 +395,8 @@ def main(argv):
   if _COMPARE_TORCH.value:
     if not _SYNTHETIC.value or config.method != 'macrl':
       raise UserError('--compare_torch times method=macrl on a random batch: add --synthetic')
-    result['torch'] = compare_torch(config, compiled, state, batches, _ROUNDS.value, _STEPS.value)
+    result['torch'] = compare_torch(config, compiled, state, batches, _ROUNDS.value, _STEPS.value,
+                                    _TORCH_MODES.value)
   print_table(result)
   print(json.dumps(result))
 
