@@ -11,7 +11,7 @@ Preparation reads the ImageNet 2012 archives from the manual directory (`config.
 and keeps the 100 classes: ILSVRC2012_img_train.tar (→ 'train', ~126,700 images) and
 ILSVRC2012_img_val.tar (→ 'validation', 5,000 images). Get them from
 https://image-net.org/download-images (registration needed).
-The examples are written as ArrayRecord files (random access, see input_pipeline.py), ~14 GB.
+The examples are written as ArrayRecord files (read from disk by index), ~14 GB.
 """
 
 from __future__ import annotations
