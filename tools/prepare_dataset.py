@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from macrl_jax import errors  # noqa: E402
@@ -23,6 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. con
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # TFDS logs every file it opens at INFO
   config = _CONFIG.value
   builder = registry.get_builder(config)
   print(f'{config.dataset}: prepared in {builder.data_path}')
