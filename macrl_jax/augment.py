@@ -3,7 +3,7 @@ evaluation resize-and-crop.
 
 A view is a pure function of (image, key, aug): `key` is a stateless seed (int64 [2]) that is split
 per op, and every random op is a tf.random.stateless_* / tf.image.stateless_* op. `aug` has the
-fields of presets.view_aug(). Views come out as float32 [S, S, 3] in [0, 1]; the input pipeline
+fields of methods.view_aug(). Views come out as float32 [S, S, 3] in [0, 1]; the input pipeline
 normalises them.
 """
 
