@@ -19,8 +19,8 @@ import tensorflow_datasets as tfds
 from macrl_jax import augment
 from macrl_jax.datasets import splits
 from macrl_jax.datasets.registry import data_option, is_random_access
-# The dataset registry's entry points, called through this module (TensorFlow's only entry point
-# for the rest of the program).
+# The rest of the program reaches the datasets through this module, which keeps TensorFlow off the
+# GPUs before any TF op runs.
 from macrl_jax.datasets.registry import get_builder, known_datasets  # noqa: F401
 from macrl_jax.errors import UserError
 

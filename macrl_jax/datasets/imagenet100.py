@@ -1,8 +1,8 @@
 """`imagenet100`: ImageNet-1k (ILSVRC 2012) restricted to the 100 classes of CMC, as a TFDS builder.
 
 The class list is the "ImageNet-100" of Tian, Krishnan & Isola, "Contrastive Multiview Coding"
-(ECCV 2020), as published with their code (github.com/HobbitLong/CMC, imagenet100.txt, also quoted
-in CMC issue #21) and reused by later self-supervised papers. `IMAGENET100_WNIDS` keeps that file's
+(ECCV 2020), as published with their code (github.com/HobbitLong/CMC, imagenet100.txt) and reused
+by later self-supervised papers. `IMAGENET100_WNIDS` keeps that file's
 order; labels are the index in the *sorted* list (`CLASS_NAMES`), as torchvision's ImageFolder
 numbers class folders, which is how CMC and its followers trained.
 
