@@ -21,7 +21,7 @@ from macrl_jax.errors import MissingFileError, UserError
 
 CATALOGUE = ('cifar10', 'cifar100', 'imagenette')  # TFDS downloads these itself
 FOLDER_PREFIX = 'folder:'
-PREPARE_COMMAND = ('python tools/prepare_dataset.py --config=<your config> '
+_PREPARE_COMMAND = ('python tools/prepare_dataset.py --config=<your config> '
                    '[--config.FIELD=VALUE ...]')
 
 
@@ -67,7 +67,7 @@ def _tiny_imagenet(config, data_dir, manual_dir, kwargs):
   raise MissingFileError(
       f'dataset tiny_imagenet is not prepared in {data_dir}/{tiny_lib.NAME} and '
       f'{tiny_lib.missing_source_message(manual_dir)}; it is prepared on first use (or with '
-      f'`{PREPARE_COMMAND}`)')
+      f'`{_PREPARE_COMMAND}`)')
 
 
 def _imagenet100(config, data_dir, manual_dir, kwargs):
@@ -124,7 +124,7 @@ def _check_can_prepare(builder, config, data_dir: str, manual_dir: str) -> None:
           f'dataset imagenet100 is not prepared in {data_dir}/imagenet100: put '
           f'{" and ".join(imagenet100_lib.ARCHIVES)} (ImageNet 2012, from '
           f'https://image-net.org/download-images) in the manual dir {manual_dir} (or set '
-          f'config.manual_dir), then run `{PREPARE_COMMAND}` (reads ~150 GB once)')
+          f'config.manual_dir), then run `{_PREPARE_COMMAND}` (reads ~150 GB once)')
   if name == 'image_folder':
     root = builder.builder_config.root
     if not os.path.isdir(os.path.join(root, 'train')):
@@ -157,7 +157,7 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
       raise UserError(
           f'dataset {config.dataset!r} is not prepared in {data_dir} and could not be downloaded '
           f'({type(e).__name__}: {e}). Prepare it where there is internet access: `tfds build '
-          f'{config.dataset} --data_dir={data_dir}` (or `{PREPARE_COMMAND}`), then copy '
+          f'{config.dataset} --data_dir={data_dir}` (or `{_PREPARE_COMMAND}`), then copy '
           f'{data_dir}/{builder.name} here') from e
     if folder:
       folder_lib.record_fingerprint(builder)
