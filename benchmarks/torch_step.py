@@ -141,7 +141,7 @@ class Macrl(nn.Module):
   def __init__(self, config):
     super().__init__()
     self.config = config
-    dims = presets.vit_dims(config.model)
+    dims = models.vit_dims(config.model)
     self.num_patches = (config.image_size // dims['patch_size']) ** 2
     m = config.model
     self.encoder = Encoder(dims, config.image_size)

@@ -95,6 +95,11 @@ def _load_config_file(spec: str):
   return module.get_config(arg or None)
 
 
+def bad_field(path: str, message: str) -> UserError:
+  """A config field with a value that cannot work: 'config.PATH: message'."""
+  return UserError(f'config.{path}: {message}')
+
+
 def unknown_field(path: str, known) -> UserError:
   parent, _, leaf = path.rpartition('.')
   close = difflib.get_close_matches(leaf, list(known), n=1)

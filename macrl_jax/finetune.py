@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from macrl_jax import checkpoint, evaluation, knn, models, optim, presets, prefetch, sharding
+from macrl_jax import checkpoint, evaluation, knn, methods, models, optim, prefetch, sharding
 from macrl_jax.restore import Restored, WorkdirError
 
 
@@ -148,7 +148,7 @@ def data_config(config, args):
   """The pre-training config turned into the fine-tuning input: one weak view, the ft batch."""
   c = copy.deepcopy(config)
   c.num_views = 1
-  c.aug.view1 = presets.weak_aug()
+  c.aug.view1 = methods.weak_aug()
   c.batch_size = args.batch_size
   c.seed = args.seed
   return c

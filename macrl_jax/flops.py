@@ -12,7 +12,7 @@ have no gradient); the momentum branch runs forward only (1×).
 
 from __future__ import annotations
 
-from macrl_jax import presets
+from macrl_jax import models, presets
 
 
 def dense(tokens: float, d_in: int, d_out: int) -> float:
@@ -29,7 +29,7 @@ def block(tokens: int, width: int, mlp_dim: int) -> float:
 
 def encoder_forward(config, num_patches: int) -> tuple[float, float]:
   """(patch embedding, transformer) forward FLOPs of one example with `num_patches` visible."""
-  d = presets.vit_dims(config.model)
+  d = models.vit_dims(config.model)
   pixels = d['patch_size'] ** 2 * 3
   tokens = num_patches + 1  # + cls
   return (dense(num_patches, pixels, d['width']),
@@ -39,7 +39,7 @@ def encoder_forward(config, num_patches: int) -> tuple[float, float]:
 def decoder_forward(config, visible: int) -> float:
   """Forward FLOPs of the decoder for one example: it embeds the encoder's 1 + K tokens, then runs
   on all N patches + cls whatever the mask ratio."""
-  d, m = presets.vit_dims(config.model), config.model
+  d, m = models.vit_dims(config.model), config.model
   n = num_patches(config)
   pixels = d['patch_size'] ** 2 * 3
   return (dense(visible + 1, d['width'], m.decoder_width)
@@ -48,7 +48,7 @@ def decoder_forward(config, visible: int) -> float:
 
 
 def projector_forward(config) -> float:
-  d, m = presets.vit_dims(config.model), config.model
+  d, m = models.vit_dims(config.model), config.model
   return (dense(1, d['width'], m.proj_hidden) + dense(1, m.proj_hidden, m.proj_hidden)
           + dense(1, m.proj_hidden, m.proj_dim))
 
@@ -59,7 +59,7 @@ def predictor_forward(config) -> float:
 
 
 def num_patches(config) -> int:
-  return (config.image_size // presets.vit_dims(config.model)['patch_size']) ** 2
+  return (config.image_size // models.vit_dims(config.model)['patch_size']) ** 2
 
 
 def step_flops(config) -> dict[str, float]:

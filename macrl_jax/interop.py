@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from macrl_jax import models, presets
+from macrl_jax import models
 from macrl_jax.errors import UserError
 
 
@@ -319,12 +319,12 @@ def decoder_from_mae(sd: dict, config, in_perm: np.ndarray, out_dim: int,
                      where: str = 'decoder') -> dict:
   """MAE's decoder keys → flax params of models.Decoder (unscanned)."""
   m = config.model
-  dd, de = m.decoder_width, presets.vit_dims(m)['width']
+  dd, de = m.decoder_width, models.vit_dims(m)['width']
   depth = _depth_of(sd, 'decoder_blocks.')
   if depth != m.decoder_depth:
     raise InteropError(f'{where}: the file has {depth} decoder blocks but the config has '
                        f'{m.decoder_depth}; change config.model.decoder_depth to {depth}')
-  num_patches = (config.image_size // presets.vit_dims(m)['patch_size']) ** 2
+  num_patches = (config.image_size // models.vit_dims(m)['patch_size']) ** 2
   pos = sd.get('decoder_pos_embed')
   if pos is not None:
     want = sincos_with_cls(dd, int(round(math.sqrt(num_patches))))
@@ -387,7 +387,7 @@ def variables_from_state_dict(sd: dict, config, *, encoder: str = 'online',
   if encoder not in layout_parts:
     raise InteropError(f'{where}: a {layout} file has no {encoder} encoder (it has: '
                        f'{", ".join(sorted(layout_parts))})')
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   enc_sd = layout_parts[encoder]
   head = _strip(enc_sd, 'head.')
   params, stats = {}, {}
@@ -411,7 +411,7 @@ def variables_from_state_dict(sd: dict, config, *, encoder: str = 'online',
 
 def mocov3_state_dict(online: dict, momentum: dict | None, config) -> dict[str, np.ndarray]:
   """Our mocov3 variables → MoCo v3's `state_dict` (what a MoCo v3 `.pth.tar` holds)."""
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   sd = {}
   for name, v in (('base_encoder', online), ('momentum_encoder', momentum)):
     if v is None:

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from macrl_jax import interop
+from macrl_jax import interop, models
 from macrl_jax.interop import InteropError
 
 INSTALL = 'pip install -r requirements-interop.txt'
@@ -77,7 +77,7 @@ def load_variables(path: str, config, *, encoder: str = 'online', interpolate_po
   interop.variables_from_state_dict)."""
   sd, meta = read_state_dict(path)
   if meta and 'num_heads' in meta:
-    heads = interop.presets.vit_dims(config.model)['num_heads']
+    heads = models.vit_dims(config.model)['num_heads']
     if int(meta['num_heads']) != heads:
       raise InteropError(f'{path}: {meta_path(path)} says num_heads={meta["num_heads"]} but the config '
                          f'has {heads}; change config.model.num_heads to {meta["num_heads"]}')

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from macrl_jax import checkpoint, losses, models, optim, presets
+from macrl_jax import checkpoint, losses, methods, models, optim, presets
 from macrl_jax.errors import MissingFileError, UserError
 
 
@@ -56,8 +56,8 @@ def resolve_teacher(config) -> None:
   if not steps:
     raise MissingFileError(f'config.teacher.workdir: {workdir} has no checkpoint in '
                             f'{os.path.join(workdir, "checkpoints")}; its pre-training has not saved yet')
-  student_patch = presets.vit_dims(config.model)['patch_size']
-  teacher_patch = presets.vit_dims(teacher.model)['patch_size']
+  student_patch = models.vit_dims(config.model)['patch_size']
+  teacher_patch = models.vit_dims(teacher.model)['patch_size']
   if student_patch != teacher_patch:
     raise UserError(
         f'config.teacher.workdir: the teacher has patch size {teacher_patch} (variant '
@@ -99,7 +99,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   """The teacher's own config, enough to build its modules (from config.teacher.spec)."""
   spec = config.teacher.spec
   c = presets.base_config()
-  presets.apply_method(c, spec.method)
+  methods.apply_method(c, spec.method)
   c.image_size = spec.image_size
   c.model = ml_collections.ConfigDict(spec.model.to_dict())
   c.dtype = config.dtype

@@ -15,8 +15,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from macrl_jax import presets
+from macrl_jax.errors import UserError
 
 Dtype = Any
+
+
+# --------------------------------------------------------------------------------------- variants
+# ViT sizes (Dosovitskiy et al.; Ti and S from DeiT): width, depth, heads, mlp_dim.
+VIT_SIZES = {
+    'mu': (64, 4, 2, 256),  # a tiny test/debug size, not a published variant
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+  """'S/16' → dict(patch_size=16, width=384, depth=12, num_heads=6, mlp_dim=1536)."""
+  try:
+    size, patch = variant.split('/')
+    width, depth, heads, mlp = VIT_SIZES[size]
+    patch = int(patch)
+  except (ValueError, KeyError):
+    raise ValueError(f'unknown variant {variant!r}; expected "<size>/<patch>" with size in '
+                     f'{sorted(VIT_SIZES)} (e.g. "S/4", "B/16")') from None
+  return dict(patch_size=patch, width=width, depth=depth, num_heads=heads, mlp_dim=mlp)
+
+
+def vit_dims(model_cfg) -> dict[str, int]:
+  """The dims of `model.variant`, where the config's width, depth, num_heads, mlp_dim override."""
+  try:
+    dims = decode_variant(model_cfg.variant)
+  except ValueError as e:
+    raise UserError(f'config.model.variant: {e}') from None
+  for k in ('width', 'depth', 'num_heads', 'mlp_dim'):
+    if model_cfg.get(k) is not None:
+      dims[k] = int(model_cfg[k])
+  return dims
 
 
 # --------------------------------------------------------------------------------------- patches
@@ -246,7 +282,7 @@ class Modules(NamedTuple):
 
 
 def make_modules(config) -> Modules:
-  dims = presets.vit_dims(config.model)
+  dims = vit_dims(config.model)
   dtype = jnp.dtype(config.dtype)
   m = config.model
   encoder = Encoder(dims['patch_size'], dims['width'], dims['depth'], dims['num_heads'],

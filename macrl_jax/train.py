@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
 
-from macrl_jax import checkpoint, knn, mimco, presets, reconstruction, sharding, train_step
+from macrl_jax import checkpoint, config_checks, knn, mimco, presets, reconstruction, sharding, train_step
 from macrl_jax.errors import UserError
 
 NAN_HINT = ('Lower the learning rate (--config.optim.base_lr), add gradient clipping '
@@ -271,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Pre-trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
   # ---------------------------------------------------------------- checks (nothing written yet)
   mesh = sharding.make_mesh()
-  presets.validate(config, num_devices=mesh.size)
+  config_checks.validate(config, num_devices=mesh.size)
   if config.batch_size % jax.process_count():
     raise UserError(f'config.batch_size: {config.batch_size} is not divisible by the '
                     f'{jax.process_count()} processes')

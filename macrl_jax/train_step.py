@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from macrl_jax import losses, mimco, models, optim, presets, sharding
+from macrl_jax import config_checks, losses, mimco, models, optim, presets, sharding
 
 State = dict[str, Any]
 
@@ -157,7 +157,7 @@ class Trainer:
   """
 
   def __init__(self, config, mesh: jax.sharding.Mesh, total_steps: int | None = None):
-    presets.validate(config, num_devices=mesh.size)
+    config_checks.validate(config, num_devices=mesh.size)
     self.config, self.mesh = config, mesh
     self.total_steps = total_steps or config.total_steps
     self.teacher_modules = None

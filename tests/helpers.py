@@ -11,9 +11,9 @@ MAIN = str(REPO / 'main.py')
 
 def tiny_config(method: str = 'macrl', **overrides):
   """A config small enough for a CPU test: ViT 'mu' (width 64, 4 blocks) on 16 px, patch 4."""
-  from macrl_jax import presets
+  from macrl_jax import methods, presets
   c = presets.base_config()
-  presets.apply_method(c, method)
+  methods.apply_method(c, method)
   c.image_size = 16
   c.batch_size = 16
   c.total_steps = 100

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from helpers import override  # noqa: E402
 from macrl_jax import input_pipeline, presets  # noqa: E402
-from macrl_jax.datasets import CorruptImageError  # noqa: E402
+from macrl_jax.datasets import CorruptImageError, registry  # noqa: E402
 from macrl_jax.datasets.imagenet100 import CLASS_NAMES  # noqa: E402
 
 TINY_IMAGENET_10 = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'tiny-imagenet-10'
@@ -191,7 +191,7 @@ def test_array_record_gives_the_same_batches(digits_dir, tmp_path):
   """Random access from disk (imagenet100's path) matches the in-memory path exactly."""
   memory = make_config('digits', digits_dir)
   disk = make_config('digits', str(tmp_path), **{'data.file_format': 'array_record'})
-  assert input_pipeline._is_random_access(input_pipeline.get_builder(disk))
+  assert registry.is_random_access(input_pipeline.get_builder(disk))
   for c in (memory, disk):
     c.batch_size = 16
   want = take(input_pipeline.create_pretrain_iterator(memory, start_step=5, process_index=1,
@@ -292,7 +292,7 @@ def test_imagenet100_keeps_the_100_classes_and_reads_from_disk(tmp_path):
       f'ILSVRC2012_val_{i:08d}.JPEG': jpeg((20, 80, i * 20), size=(40, 56)) for i in range(1, 11)}))
   c = make_config('imagenet100', str(tmp_path / 'tfds'), manual_dir=str(manual), num_classes=100,
                   image_size=32, test_split='validation')
-  assert input_pipeline._is_random_access(input_pipeline.get_builder(c))  # ArrayRecord by default
+  assert registry.is_random_access(input_pipeline.get_builder(c))  # ArrayRecord by default
   assert input_pipeline.num_examples(c, 'train') == 3
   batch = next(input_pipeline.create_pretrain_iterator(c, process_index=0, process_count=1))
   assert batch['view1'].shape == (8, 32, 32, 3)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config, tiny_config
-from macrl_jax import interop, interop_files, models, presets, train
+from macrl_jax import interop, interop_files, models, train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
 # segfaults when loaded after TensorFlow, which other test modules import; CPU tests never use it.
@@ -69,7 +69,7 @@ def randomize_torch(module, seed=0):
 
 
 def timm_vit(config, pool='cls'):
-  kwargs = interop.timm_kwargs(presets.vit_dims(config.model), config.image_size, pool)
+  kwargs = interop.timm_kwargs(models.vit_dims(config.model), config.image_size, pool)
   return timm.models.VisionTransformer(**kwargs)
 
 
@@ -101,8 +101,8 @@ def moco_sincos(width, grid):
 def make_mocov3_file(path, config, seed=0):
   """A MoCo v3 `.pth.tar` ({'state_dict': module.base_encoder/momentum_encoder/predictor}) of
   random timm ViTs; returns the torch modules (online, momentum, predictor)."""
-  m, width = config.model, presets.vit_dims(config.model)['width']
-  grid = config.image_size // presets.vit_dims(config.model)['patch_size']
+  m, width = config.model, models.vit_dims(config.model)['width']
+  grid = config.image_size // models.vit_dims(config.model)['patch_size']
   encoders = []
   for k in range(2):
     vit = timm_vit(config)
@@ -140,7 +140,7 @@ def test_exported_encoder_in_timm_gives_the_same_features(pool, tmp_path):
   config = config_for('macrl', **{'model.pool': pool})
   modules = models.make_modules(config)
   variables = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)))
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   path = str(tmp_path / 'enc.safetensors')
   interop_files.write_safetensors(path, interop.encoder_to_timm(variables['params']['encoder'],
                                                                 dims, config.image_size),
@@ -169,7 +169,7 @@ def test_export_and_import_of_scanned_blocks_is_exact():
   modules = models.make_modules(config)
   variables = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(1)))
   enc = variables['params']['encoder']
-  sd = interop.encoder_to_timm(enc, presets.vit_dims(config.model), config.image_size)
+  sd = interop.encoder_to_timm(enc, models.vit_dims(config.model), config.image_size)
   assert 'blocks.1.attn.qkv.weight' in sd and 'blocks.2.attn.qkv.weight' not in sd
   back = interop.variables_from_state_dict(sd, config)['params']['encoder']
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(enc))
@@ -226,7 +226,7 @@ def test_mocov3_export_import_is_exact(tmp_path):
 # ------------------------------------------------------------------------------------ MAE
 def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
   config = config_for('mae')
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   width, dd, p = dims['width'], config.model.decoder_width, dims['patch_size']
   grid = config.image_size // p
   vit = randomize_torch(timm_vit(config), 0)
@@ -281,7 +281,7 @@ def test_mae_export_import_is_exact(tmp_path):
   config = config_for('mae')
   modules = models.make_modules(config)
   want = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
             **interop.decoder_to_mae(want['params']['decoder'], num_patches))

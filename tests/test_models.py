@@ -113,7 +113,7 @@ def test_variants():
   c = presets.base_config()
   for variant, width in [('Ti/16', 192), ('S/4', 384), ('B/16', 768), ('L/14', 1024)]:
     c.model.variant = variant
-    dims = presets.vit_dims(c.model)
+    dims = models.vit_dims(c.model)
     assert dims['width'] == width and dims['patch_size'] == int(variant.split('/')[1])
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import REPO, digits_config
-from macrl_jax import errors, presets
+from macrl_jax import config_checks, errors
 
 MAIN = str(REPO / 'main.py')
 
@@ -57,7 +57,7 @@ def test_config_mistakes_end_in_one_line_before_tensorflow_loads(args, expected)
 def test_numeric_fields_are_refused_before_compiling(make_config, field, value, expected):
   config = make_config(**{field: value})
   with pytest.raises(errors.UserError) as e:
-    presets.validate(config)
+    config_checks.validate(config)
   assert expected in str(e.value)
 
 

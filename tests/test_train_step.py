@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import fixed_batch, override, tiny_config, without_gradient_free
-from macrl_jax import optim, presets, sharding, train_step
+from macrl_jax import config_checks, methods, optim, presets, sharding, train_step
 
 
 def run_steps(config, devices, num_steps=1, seed=0):
@@ -150,7 +150,7 @@ def test_learning_rate_scales_with_batch_and_warms_up():
 def test_bad_config_fails_before_compiling(overrides, field):
   config = override(tiny_config('macrl'), overrides)
   with pytest.raises(ValueError, match=f'config.{field}'):
-    presets.validate(config, num_devices=8)
+    config_checks.validate(config, num_devices=8)
   with pytest.raises(ValueError, match=f'config.{field}'):
     train_step.Trainer(config, sharding.make_mesh())  # validates before tracing anything
 
@@ -164,12 +164,12 @@ def test_bad_config_fails_before_compiling(overrides, field):
 ])
 def test_inconsistent_preset_names_the_field(method, overrides, field):
   with pytest.raises(ValueError, match=f'config.{field}'):
-    presets.validate(override(tiny_config(method), overrides), num_devices=8)
+    config_checks.validate(override(tiny_config(method), overrides), num_devices=8)
 
 
 def test_unknown_method_preset():
   with pytest.raises(ValueError, match='unknown method'):
-    presets.apply_method(presets.base_config(), 'simclr')
+    methods.apply_method(presets.base_config(), 'simclr')
 
 
 def test_scanned_blocks_give_the_same_step():

@@ -281,7 +281,7 @@ def time_parts(trainer, state, batch, repeats: int) -> dict[str, Timing]:
 
 # --------------------------------------------------------------------------------------- report
 def describe(config) -> dict:
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   return dict(method=config.method, dataset=config.dataset, image_size=config.image_size,
               variant=config.model.variant, width=dims['width'], depth=dims['depth'],
               batch_size=config.batch_size, dtype=config.dtype,

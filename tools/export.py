@@ -20,7 +20,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from macrl_jax import cli, interop, interop_files, presets, restore  # noqa: E402
+from macrl_jax import cli, interop, interop_files, models, restore  # noqa: E402
 
 cli.define_workdir_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output .safetensors (default: see above).')
@@ -31,7 +31,7 @@ _DECODER = flags.DEFINE_bool('decoder', False, "Also write FILE.mae.pth in MAE's
 def main():
   restored = cli.load()
   config = restored.config
-  dims = presets.vit_dims(config.model)
+  dims = models.vit_dims(config.model)
   pool = _POOL.value or config.model.pool
   out = os.path.abspath(_OUT.value or os.path.join(
       restored.workdir, 'export', f'encoder_{restored.params}_step{restored.step}.safetensors'))

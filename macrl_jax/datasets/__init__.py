@@ -1,7 +1,9 @@
-"""The TFDS builders of this project (importing this package registers them with TFDS).
+"""The datasets: one module per TFDS builder of this project, and the registry.
 
-digits, tiny_imagenet, imagenet100 and image_folder; cifar10, cifar100 and imagenette come from the
-TFDS catalogue. `macrl_jax.input_pipeline.get_builder` picks and prepares them from a config.
+digits, tiny_imagenet, imagenet100 and image_folder are built here (importing this package
+registers them with TFDS); cifar10, cifar100 and imagenette come from the TFDS catalogue.
+`registry.get_builder` picks and prepares one from a config; `splits` says which examples a split
+name means.
 """
 
 from macrl_jax.datasets.digits import Digits

@@ -1,8 +1,8 @@
 """`imagenet100`: ImageNet-1k (ILSVRC 2012) restricted to the 100 classes of CMC, as a TFDS builder.
 
 The class list is the "ImageNet-100" of Tian, Krishnan & Isola, "Contrastive Multiview Coding"
-(ECCV 2020), as published with their code (github.com/HobbitLong/CMC, imagenet100.txt, also quoted
-in CMC issue #21) and reused by later self-supervised papers. `IMAGENET100_WNIDS` keeps that file's
+(ECCV 2020), as published with their code (github.com/HobbitLong/CMC, imagenet100.txt) and reused
+by later self-supervised papers. `IMAGENET100_WNIDS` keeps that file's
 order; labels are the index in the *sorted* list (`CLASS_NAMES`), as torchvision's ImageFolder
 numbers class folders, which is how CMC and its followers trained.
 
@@ -11,7 +11,7 @@ Preparation reads the ImageNet 2012 archives from the manual directory (`config.
 and keeps the 100 classes: ILSVRC2012_img_train.tar (→ 'train', ~126,700 images) and
 ILSVRC2012_img_val.tar (→ 'validation', 5,000 images). Get them from
 https://image-net.org/download-images (registration needed).
-The examples are written as ArrayRecord files (random access, see input_pipeline.py), ~14 GB.
+The examples are written as ArrayRecord files (read from disk by index), ~14 GB.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import zipfile
 
 import tensorflow_datasets as tfds
 
-from macrl_jax.errors import MissingFileError, UserError
+from macrl_jax.errors import MissingFileError
 
 from macrl_jax.datasets.image_folder import checked_image_bytes
 
