@@ -355,7 +355,7 @@ def mocov3_workdir(digits_dir, tmp_path_factory):
 
 
 def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
-  from macrl_jax import restore
+  from macrl_jax import workdir
   out = str(tmp_path / 'enc.safetensors')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'),
@@ -367,7 +367,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
   scope = {}
   exec('\n'.join(code), scope)  # the two printed lines, as a user pastes them
   model = scope['model'].eval()
-  restored = restore.load_workdir(mocov3_workdir, params='momentum')
+  restored = workdir.load_workdir(mocov3_workdir, params='momentum')
   x = images(restored.config)
   ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
   with torch.no_grad():
@@ -375,7 +375,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
 
 
 def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
-  from macrl_jax import restore
+  from macrl_jax import workdir
   config = digits_config(digits_dir, 'mimco', total_steps=2, checkpoint_every_steps=2)
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
@@ -383,7 +383,7 @@ def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
   metrics = train.train_and_evaluate(config, str(tmp_path / 'student'))
   assert np.isfinite(metrics['loss'])
   # The teacher carried in the student's checkpoints is the file's momentum encoder and projector.
-  state = restore.load_workdir(str(tmp_path / 'student')).state
+  state = workdir.load_workdir(str(tmp_path / 'student')).state
   want = interop_files.load_variables(path, mimco_teacher_config(config), encoder='momentum',
                                       parts=('encoder', 'projector'))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['teacher']), want)
@@ -395,12 +395,12 @@ def mimco_teacher_config(config):
 
 
 def test_init_loads_the_file_into_the_train_state(tmp_path):
-  from macrl_jax import sharding, train_step
+  from macrl_jax import build, sharding
   config = config_for('mocov3')
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
   config.init = path
-  state = jax.device_get(train_step.Trainer(config, sharding.make_mesh()).init_state())
+  state = jax.device_get(build.build(config, sharding.make_mesh()).init_state())
   online = interop_files.load_variables(path, config)
   momentum = interop_files.load_variables(path, config, encoder='momentum')
   for part in ('encoder', 'projector', 'predictor'):
@@ -411,14 +411,14 @@ def test_init_loads_the_file_into_the_train_state(tmp_path):
                momentum['batch_stats']['projector'])
   # A method without the heads takes the encoder only (and does not check the heads' shapes).
   mae = config_for('mae', init=path, **{'model.proj_hidden': 8})
-  state = jax.device_get(train_step.Trainer(mae, sharding.make_mesh()).init_state())
+  state = jax.device_get(build.build(mae, sharding.make_mesh()).init_state())
   jax.tree.map(np.testing.assert_array_equal, state['params']['encoder'], online['params']['encoder'])
 
 
 def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
   path = str(tmp_path / 'moco.pth.tar')
-  from macrl_jax import restore
-  config = restore.load_config(mocov3_workdir)
+  from macrl_jax import workdir
+  config = workdir.load_config(mocov3_workdir)
   online, _, _ = make_mocov3_file(path, config)
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = str(tmp_path / 'feats.npz')
@@ -427,7 +427,7 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   feats = np.load(out)['features']
-  restored = restore.load_init_file(mocov3_workdir, path)
+  restored = workdir.load_init_file(mocov3_workdir, path)
   x = images(config)
   ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
   perm = np.concatenate([np.arange(32, 64), np.arange(32)])
@@ -438,8 +438,8 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
 
 
 def test_the_core_does_not_import_torch():
-  code = ('import sys; from macrl_jax import train, train_step, mimco, restore, finetune, interop, '
-          'evaluation; bad = [m for m in sys.modules if m.split(".")[0] in '
+  code = ('import sys; from macrl_jax import train, build, teacher, workdir, finetune, interop, '
+          'features; bad = [m for m in sys.modules if m.split(".")[0] in '
           '("torch", "timm", "safetensors")]; assert not bad, bad')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                         timeout=300)
