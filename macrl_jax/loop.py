@@ -76,6 +76,13 @@ class _History:
     self.batch_size = batch_size
     self.last_time, self.last_step = time.time(), start_step
 
+  def add(self, step: int, metrics: dict) -> None:
+    self.rows.append((step, metrics))
+
+  def restart_clock(self) -> None:
+    """images/s counts training time only: the clock restarts after an evaluation."""
+    self.last_time = time.time()
+
   def check(self, mngr: ocp.CheckpointManager, hint: str) -> None:
     """Fetches the metrics; raises at the first step that was refused."""
     self.rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self.rows)]
@@ -130,7 +137,7 @@ def run(step_fn: Callable, state: Any, batches: Iterator, *, start_step: int, to
     while step < total_steps:
       state, metrics = step_fn(state, next(batches))
       step += 1
-      history.rows.append((step, metrics))
+      history.add(step, metrics)
       in_flight.append(metrics)
       if len(in_flight) > MAX_IN_FLIGHT:
         jax.block_until_ready(in_flight.popleft())
@@ -145,7 +152,7 @@ def run(step_fn: Callable, state: Any, batches: Iterator, *, start_step: int, to
       if evaluate and (step % every.eval == 0 or last):
         history.check(mngr, hint)  # never evaluate a state after a refused step
         record.update(evaluate(step, state))
-        history.last_time = time.time()  # images/s counts training time only
+        history.restart_clock()
       if record:
         writer.write_scalars(step, record)
         last_record = {'step': step, **record}

@@ -20,8 +20,8 @@ import ml_collections
 import optax
 
 from macrl_jax import losses, methods, models, optim, presets, train_step
-from macrl_jax.errors import UserError
 
+# ----------------------------------------------------------------------------------- the teacher
 # The parts of a contrastive train state that the teacher keeps, by collection.
 TEACHER_PARTS = {'params': ('encoder', 'projector'), 'batch_stats': ('projector',)}
 
@@ -30,7 +30,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   """The teacher's own config, enough to build its modules (from config.teacher.spec)."""
   spec = config.teacher.spec
   if spec is None:
-    raise UserError('config.teacher.spec is not filled: call teacher.resolve(config) first')
+    raise ValueError('config.teacher.spec is not filled: call teacher.resolve(config) first')
   c = presets.base_config()
   methods.apply_method(c, spec.method)
   c.image_size = spec.image_size
@@ -41,7 +41,6 @@ def teacher_config(config) -> ml_collections.ConfigDict:
 
 def teacher_modules(config) -> models.Modules:
   return models.make_modules(teacher_config(config))
-
 
 
 # ----------------------------------------------------------------------------------- the student

@@ -108,8 +108,7 @@ def restore_state(path: str, abstract: Any, step: int | None = None,
 def check_state(path: str, part: Any, step: int | None = None) -> None:
   """Raises unless checkpoint `step` (default: the newest) of `path` holds the arrays of `part`
   with their shapes; reads the checkpoint's metadata only."""
-  steps = checkpoint.steps(path)
-  step = max(steps) if step is None else step
+  step = max(checkpoint.steps(path)) if step is None else step
   mngr = checkpoint.manager(path, async_save=False, create=False)
   try:
     meta = checkpoint.read_meta(mngr, step)

@@ -56,11 +56,11 @@ def main():
     raise workdir.WorkdirError(str(e)) from None
   result = dict(out=written, step=restored.step, params=restored.params, pool=pool, timm=kwargs)
   workdir.report(workdir.result_path(restored.workdir, 'export'), result,
-             f'Encoder ({restored.params}, step {restored.step}) → {", ".join(written)}\n'
-             'Load it in PyTorch (pip install -r requirements-interop.txt):\n'
-             'import json, safetensors.torch, timm\n'
-             f'model = timm.models.VisionTransformer(**json.load(open({interop_files.meta_path(out)!r}))); '
-             f'model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)')
+                 f'Encoder ({restored.params}, step {restored.step}) → {", ".join(written)}\n'
+                 'Load it in PyTorch (pip install -r requirements-interop.txt):\n'
+                 'import json, safetensors.torch, timm\n'
+                 f'model = timm.models.VisionTransformer(**json.load(open({interop_files.meta_path(out)!r}))); '
+                 f'model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)')
 
 
 if __name__ == '__main__':

@@ -35,12 +35,12 @@ def main():
   out = os.path.abspath(_OUT.value or features.cache_path(restored, split, pool))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   features.save(out, feats, labels, split=split, pool=pool, params=restored.params,
-                           step=restored.step)
+                step=restored.step)
   result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
                 num_examples=int(len(labels)), dim=int(feats.shape[1]))
   workdir.report(workdir.result_path(restored.workdir, 'extract_features'), result,
-             f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
-             f'{restored.params} encoder, step {restored.step}) → {out}')
+                 f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
+                 f'{restored.params} encoder, step {restored.step}) → {out}')
 
 
 if __name__ == '__main__':

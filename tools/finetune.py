@@ -63,8 +63,8 @@ def main():
     return
   init = 'random init' if args.from_scratch else f'pre-training step {restored.step}'
   workdir.report(workdir.result_path(restored.workdir, name), result,
-             f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
-             f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
+                 f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
+                 f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
 
 
 if __name__ == '__main__':

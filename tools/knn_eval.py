@@ -62,9 +62,9 @@ def main():
   result = knn.evaluate(train_f, train_y, test_f, test_y, num_classes, **args)
   result.update(args, **source, num_train=int(len(train_y)), num_test=int(len(test_y)))
   workdir.report(out, result,
-             f'kNN (k={_K.value}, T={_T.value}{", uniform" if _UNIFORM.value else ""}): '
-             f'top-1 {100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} % '
-             f'({len(test_y)} test, {len(train_y)} train examples)')
+                 f'kNN (k={_K.value}, T={_T.value}{", uniform" if _UNIFORM.value else ""}): '
+                 f'top-1 {100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} % '
+                 f'({len(test_y)} test, {len(train_y)} train examples)')
 
 
 if __name__ == '__main__':

@@ -49,9 +49,9 @@ def main():
   name = f'linear_probe_{_SHOTS.value}shot' if _SHOTS.value else 'linear_probe'
   shots = f'{_SHOTS.value}-shot ' if _SHOTS.value else ''
   workdir.report(workdir.result_path(restored.workdir, name), result,
-             f'Linear probe ({shots}{_SEEDS.value} seeds, step {restored.step}): '
-             f'top-1 {100 * result["top1"]:.2f} ± {100 * result["top1_std"]:.2f} %, '
-             f'top-5 {100 * result["top5"]:.2f} ± {100 * result["top5_std"]:.2f} %')
+                 f'Linear probe ({shots}{_SEEDS.value} seeds, step {restored.step}): '
+                 f'top-1 {100 * result["top1"]:.2f} ± {100 * result["top1_std"]:.2f} %, '
+                 f'top-5 {100 * result["top5"]:.2f} ± {100 * result["top5_std"]:.2f} %')
 
 
 if __name__ == '__main__':
