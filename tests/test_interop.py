@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config, tiny_config
-from macrl_jax import interop, interop_files, models, train
+from macrl_jax import interop, interop_files, interop_state_dicts, models, train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
 # segfaults when loaded after TensorFlow, which other test modules import; CPU tests never use it.
@@ -171,7 +171,7 @@ def test_export_and_import_of_scanned_blocks_is_exact():
   enc = variables['params']['encoder']
   sd = interop.encoder_to_timm(enc, models.vit_dims(config.model), config.image_size)
   assert 'blocks.1.attn.qkv.weight' in sd and 'blocks.2.attn.qkv.weight' not in sd
-  back = interop.variables_from_state_dict(sd, config)['params']['encoder']
+  back = interop_state_dicts.variables_from_state_dict(sd, config)['params']['encoder']
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(enc))
 
 
@@ -212,7 +212,8 @@ def test_mocov3_export_import_is_exact(tmp_path):
   online = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
   momentum = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 1)
   path = str(tmp_path / 'ours.pth.tar')
-  interop_files.write_torch(path, {'state_dict': interop.mocov3_state_dict(online, momentum, config)})
+  sd = interop_state_dicts.mocov3_state_dict(online, momentum, config)
+  interop_files.write_torch(path, {'state_dict': sd})
   for which, want in (('online', online), ('momentum', momentum)):
     got = interop_files.load_variables(path, config, encoder=which)
     parts = ['encoder', 'projector'] + (['predictor'] if which == 'online' else [])
@@ -284,7 +285,7 @@ def test_mae_export_import_is_exact(tmp_path):
   dims = models.vit_dims(config.model)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
-            **interop.decoder_to_mae(want['params']['decoder'], num_patches))
+            **interop_state_dicts.decoder_to_mae(want['params']['decoder'], num_patches))
   path = str(tmp_path / 'ours.mae.pth')
   interop_files.write_torch(path, {'model': sd})
   got = interop_files.load_variables(path, config)
@@ -301,7 +302,7 @@ def test_timm_learned_cls_position_is_folded_into_the_cls_token():
     vit.pos_embed[:, 1:].copy_(torch.from_numpy(models.sincos_2d(width, grid)))
   assert vit.pos_embed[0, 0].abs().max() > 0  # a learned cls position
   sd = {k: v.numpy() for k, v in vit.state_dict().items()}
-  variables = interop.variables_from_state_dict(sd, config)
+  variables = interop_state_dicts.variables_from_state_dict(sd, config)
   x = images(config)
   with torch.no_grad():
     theirs = vit(to_torch(x)).numpy()

@@ -20,7 +20,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from macrl_jax import interop, interop_files, models, workdir  # noqa: E402
+from macrl_jax import interop, interop_files, interop_state_dicts, models, workdir  # noqa: E402
 
 workdir.define_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output .safetensors (default: see above).')
@@ -47,8 +47,8 @@ def main():
     if _DECODER.value:
       workdir.require_pixel_decoder(restored)
       num_patches = (config.image_size // dims['patch_size']) ** 2
-      mae = dict(encoder, **interop.decoder_to_mae(jax.device_get(restored.decoder_params),
-                                                   num_patches))
+      decoder = jax.device_get(restored.decoder_params)
+      mae = dict(encoder, **interop_state_dicts.decoder_to_mae(decoder, num_patches))
       mae_path = out[:-len('.safetensors')] + '.mae.pth'
       interop_files.write_torch(mae_path, {'model': mae})
       written.append(mae_path)
