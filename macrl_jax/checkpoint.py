@@ -39,17 +39,31 @@ class CheckpointSaveError(UserError):
   """A checkpoint could not be written (full disk, permissions, ...)."""
 
 
-def manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 3, async_save: bool = True,
+            create: bool = True) -> ocp.CheckpointManager:
+  """The manager of `<workdir>/checkpoints`; `create=False` for a reader that must not change the
+  workdir (the folder must then exist)."""
   # The step directory is made before save() returns: when it cannot be made (permissions, full
   # disk), save() raises at once, where an asynchronous creation leaves Orbax's writer threads
   # waiting minutes for it.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   # Registering both items lets either be restored alone (meta is read before any array).
   handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                options=options, item_handlers=handlers)
+
+
+def steps(workdir: str) -> list[int]:
+  """The saved steps of `workdir`, oldest first; none when it has no checkpoints folder."""
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir), 'checkpoints')):
+    return []
+  mngr = manager(workdir, async_save=False, create=False)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:

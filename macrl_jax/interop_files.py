@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from macrl_jax import interop, models
+from macrl_jax import interop_state_dicts, models
 from macrl_jax.interop import InteropError
 
 INSTALL = 'pip install -r requirements-interop.txt'
@@ -72,18 +72,17 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
 
 
 def load_variables(path: str, config, *, encoder: str = 'online', interpolate_pos: bool = False,
-                   parts: tuple[str, ...] = interop.PARTS) -> dict:
+                   parts: tuple[str, ...] = interop_state_dicts.PARTS) -> dict:
   """The file's variables for `config` ({'params', 'batch_stats'}, numpy; see
-  interop.variables_from_state_dict)."""
+  interop_state_dicts.variables_from_state_dict)."""
   sd, meta = read_state_dict(path)
   if meta and 'num_heads' in meta:
     heads = models.vit_dims(config.model)['num_heads']
     if int(meta['num_heads']) != heads:
       raise InteropError(f'{path}: {meta_path(path)} says num_heads={meta["num_heads"]} but the config '
                          f'has {heads}; change config.model.num_heads to {meta["num_heads"]}')
-  return interop.variables_from_state_dict(sd, config, encoder=encoder,
-                                           interpolate_pos=interpolate_pos, where=path,
-                                           parts=parts)
+  return interop_state_dicts.variables_from_state_dict(
+      sd, config, encoder=encoder, interpolate_pos=interpolate_pos, where=path, parts=parts)
 
 
 def write_safetensors(path: str, sd: dict[str, np.ndarray], meta: dict | None = None) -> None:

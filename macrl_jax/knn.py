@@ -1,50 +1,17 @@
-"""Frozen features of a labelled split and the weighted kNN classifier.
+"""The weighted kNN classifier of frozen features (Wu et al. 2018, as in DINO/MoCo monitors).
 
-kNN (Wu et al. 2018, as in DINO/MoCo monitors): cosine similarity between L2-normalised features,
-the k nearest train features vote for their label with weight exp(sim / T); top-1 of the votes.
+Cosine similarity between L2-normalised features; the k nearest train features vote for their
+label with weight exp(sim / T) (or 1 each, unweighted). `evaluate` is the one entry point: the
+pre-training monitor, tools/knn_eval.py and tools/ablate.py all report its figures.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from macrl_jax import models, sharding
-
-
-def make_feature_fn(encoder: models.Encoder, pool: str, mesh) -> Callable:
-  """jit(params, images) -> pooled features of the full, unmasked images, batch sharded on mesh."""
-
-  def features(params, images):
-    return models.pool(encoder.apply({'params': params}, images), pool)
-
-  return jax.jit(features, in_shardings=(None, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
-
-
-def extract(feature_fn: Callable, params, batches: Iterable[dict], mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Features and labels of every valid example of an eval iterator, in order, on every process.
-
-  `batches` are process-local numpy dicts {'image', 'label', 'mask'} (padding has mask False).
-  """
-  feats, labels, masks = [], [], []
-  for batch in batches:
-    global_batch = sharding.make_global_batch(batch, mesh)
-    f = feature_fn(params, global_batch['image'])
-    if jax.process_count() > 1:
-      f, lab, m = (multihost_utils.process_allgather(x, tiled=True)
-                   for x in (f, global_batch['label'], global_batch['mask']))
-    else:
-      lab, m = batch['label'], batch['mask']
-    feats.append(np.asarray(f))
-    labels.append(np.asarray(lab))
-    masks.append(np.asarray(m, bool))
-  keep = np.concatenate(masks)
-  return np.concatenate(feats)[keep], np.concatenate(labels)[keep]
+from macrl_jax.accuracy import topk_accuracy
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -55,9 +22,9 @@ _topk_similar = jax.jit(lambda bank, queries, k: jax.lax.top_k(queries @ bank.T,
                         static_argnums=2)
 
 
-def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-                num_classes: int, k: int = 20, temperature: float = 0.07,
-                weighted: bool = True, chunk: int = 1024) -> np.ndarray:
+def class_scores(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                 num_classes: int, k: int = 20, temperature: float = 0.07,
+                 weighted: bool = True, chunk: int = 1024) -> np.ndarray:
   """Class scores [num_test, num_classes] of the (weighted) k-nearest-neighbour vote."""
   bank = jnp.asarray(normalize(np.asarray(train_feats, np.float32)))
   k = min(k, bank.shape[0])
@@ -71,7 +38,10 @@ def knn_predict(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: n
   return np.concatenate(scores)
 
 
-def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes: int,
-             k: int = 20, temperature: float = 0.07) -> float:
-  scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
-  return float((scores.argmax(axis=1) == np.asarray(test_labels)).mean())
+def evaluate(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
+             temperature: float = 0.07, weighted: bool = True) -> dict:
+  """Top-1 and top-5 accuracy of the kNN vote on the test features."""
+  scores = class_scores(train_feats, train_labels, test_feats, num_classes, k, temperature,
+                        weighted=weighted)
+  return {'top1': topk_accuracy(scores, test_labels, 1),
+          'top5': topk_accuracy(scores, test_labels, 5)}

@@ -17,6 +17,7 @@ epoch), compiled once per (examples, batch) shape and reused for every seed.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from macrl_jax.evaluation import topk_accuracy
+from macrl_jax.accuracy import topk_accuracy
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
 
@@ -115,15 +116,16 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, *, shots: int | None = None,
-                 seeds: int = 5, **train_kw) -> dict:
-  """Top-1/top-5 on the test features over `seeds` runs (mean, std and each run).
+                 seeds: int | Sequence[int] = 5, **train_kw) -> dict:
+  """Top-1/top-5 on the test features over runs of the probe (mean, std and each run): `seeds`
+  runs with seeds 0, 1, ..., or one run per seed of a list.
 
   With `shots`, each seed draws its own N labelled train examples per class; without, the seeds
   differ only in the probe's initialisation and the order of the examples.
   """
   train_y = np.asarray(train_y)
   runs = []
-  for seed in range(seeds):
+  for seed in (range(seeds) if isinstance(seeds, int) else seeds):
     idx = few_shot_indices(train_y, shots, seed) if shots else np.arange(len(train_y))
     variables = train_probe(train_x[idx], train_y[idx], num_classes, seed=seed, **train_kw)
     logits = predict(variables, test_x, num_classes)

@@ -48,6 +48,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool) -> Any:
   return jax.tree.map(one, abstract_state)
 
 
+def with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """`abstract_state` (ShapeDtypeStructs) carrying `shardings`: the target Orbax restores into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state, shardings)
+
+
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's part of the batch into one global array sharded on 'data'.
 

@@ -9,19 +9,18 @@ The state is a plain dict:
   ema_params      momentum networks {'encoder', 'projector'} (contrastive methods only)
   ema_batch_stats BatchNorm statistics of the momentum projector
   queue, queue_ptr  memory bank of past keys (only when queue_size > 0)
-  teacher         MimCo only: the frozen teacher's variables (see mimco.py)
+  teacher         MimCo only: the frozen teacher's variables (added by mimco.init_state)
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from macrl_jax import config_checks, losses, mimco, models, optim, presets, sharding
+from macrl_jax import losses, models, optim, presets
 
 State = dict[str, Any]
 
@@ -33,7 +32,7 @@ def momentum_at(step, total_steps: int, base: float):
 
 
 def init_state(config, modules: models.Modules, tx: optax.GradientTransformation,
-               rng: jax.Array, teacher: models.Modules | None = None) -> State:
+               rng: jax.Array) -> State:
   init_rng, run_rng, queue_rng = jax.random.split(rng, 3)
   variables = models.init_variables(modules, config, init_rng)
   params = variables['params']
@@ -47,17 +46,12 @@ def init_state(config, modules: models.Modules, tx: optax.GradientTransformation
       queue = jax.random.normal(queue_rng, (config.queue_size, config.model.proj_dim))
       state['queue'] = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
       state['queue_ptr'] = jnp.zeros((), jnp.int32)
-  if teacher is not None:
-    # Placeholder of the right shapes; Trainer.init_state puts the restored teacher here.
-    v = models.init_variables(teacher, mimco.teacher_config(config), queue_rng)
-    state['teacher'] = {'params': {k: v['params'][k] for k in ('encoder', 'projector')},
-                        'batch_stats': {'projector': v['batch_stats']['projector']}}
   return state
 
 
 def make_train_step(config, modules: models.Modules, tx: optax.GradientTransformation,
-                    lr_fn: optax.Schedule, total_steps: int) -> Callable[[State, dict], tuple]:
-  """Returns train_step(state, batch) -> (state, metrics); pure, to be jitted by `compile_step`."""
+                    lr_fn: optax.Schedule) -> Callable[[State, dict], tuple]:
+  """Returns train_step(state, batch) -> (state, metrics); pure, for the caller to jit."""
   enc, dec, proj, pred = modules
   patch = enc.patch_size
   num_patches = (config.image_size // patch) ** 2
@@ -120,7 +114,7 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
     # One random mask per view and per image.
     masks = [models.random_masking(jax.random.fold_in(rng, v), size, num_patches, r) if r > 0
              else None for v, r in enumerate(ratios)]
-    m = momentum_at(step, total_steps, config.momentum_base)
+    m = momentum_at(step, config.total_steps, config.momentum_base)
 
     keys = ema_stats = None
     if con:
@@ -150,43 +144,3 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
   return train_step
 
 
-class Trainer:
-  """Builds the modules, optimizer and the jitted init/step for a config on a mesh.
-
-  A thin holder, so that train.py, the benchmark and the tests share one construction path.
-  """
-
-  def __init__(self, config, mesh: jax.sharding.Mesh, total_steps: int | None = None):
-    config_checks.validate(config, num_devices=mesh.size)
-    self.config, self.mesh = config, mesh
-    self.total_steps = total_steps or config.total_steps
-    self.teacher_modules = None
-    if config.method == 'mimco':
-      mimco.resolve_teacher(config)
-      self.modules, self.teacher_modules = mimco.make_modules(config)
-    else:
-      self.modules = models.make_modules(config)
-    self.tx, self.lr_fn = optim.make_optimizer(config, self.total_steps)
-    init = functools.partial(init_state, config, self.modules, self.tx,
-                             teacher=self.teacher_modules)
-    self.abstract_state = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    self.state_sharding = sharding.state_shardings(self.abstract_state, mesh, config.sharding.fsdp)
-    self.init = jax.jit(init, out_shardings=self.state_sharding)
-    if config.method == 'mimco':
-      step = mimco.make_train_step(config, self.modules, self.teacher_modules, self.tx, self.lr_fn)
-    else:
-      step = make_train_step(config, self.modules, self.tx, self.lr_fn, self.total_steps)
-    self.step = jax.jit(step, in_shardings=(self.state_sharding, sharding.batch_sharding(mesh)),
-                        out_shardings=(self.state_sharding, sharding.replicated(mesh)),
-                        donate_argnums=(0,))
-
-  def init_state(self, seed: int | None = None) -> State:
-    seed = self.config.seed if seed is None else seed
-    state = self.init(jax.random.PRNGKey(seed))
-    if self.config.get('init'):
-      from macrl_jax import interop_files  # only with a file to read (it may need torch)
-      state = interop_files.initialise(state, self.config, self.state_sharding)
-    if self.teacher_modules is not None:
-      teacher = mimco.load_teacher(self.config, self.mesh)
-      state['teacher'] = jax.device_put(teacher, self.state_sharding['teacher'])
-    return state

@@ -36,19 +36,19 @@ def main(port, process_id, out_dir, data_dir):
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices('gloo warm-up')
 
-  from macrl_jax import checkpoint, sharding, train, train_step
+  from macrl_jax import build, checkpoint, sharding, train
   config = tiny_config('macrl', batch_size=8, queue_size=32)
   config.optim.base_lr = 1e-3
   mesh = sharding.make_mesh()
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
+  built = build.build(config, mesh)
+  state = built.init_state()
   full = fixed_batch(config)
   half = config.batch_size // 2
   local = {k: v[process_id * half:(process_id + 1) * half] for k, v in full.items()}
   batch = sharding.make_global_batch(local, mesh)
   # The step's first collective sets up gloo over all 4 devices, again within 30 s of each other:
   # compile first (its length differs between the processes on a loaded machine), then meet.
-  step = trainer.step.lower(state, batch).compile()
+  step = built.step.lower(state, batch).compile()
   multihost_utils.sync_global_devices('step compiled')
   losses = []
   for _ in range(3):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config, tiny_config
-from macrl_jax import interop, interop_files, models, train
+from macrl_jax import interop, interop_files, interop_state_dicts, models, train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
 # segfaults when loaded after TensorFlow, which other test modules import; CPU tests never use it.
@@ -171,7 +171,7 @@ def test_export_and_import_of_scanned_blocks_is_exact():
   enc = variables['params']['encoder']
   sd = interop.encoder_to_timm(enc, models.vit_dims(config.model), config.image_size)
   assert 'blocks.1.attn.qkv.weight' in sd and 'blocks.2.attn.qkv.weight' not in sd
-  back = interop.variables_from_state_dict(sd, config)['params']['encoder']
+  back = interop_state_dicts.variables_from_state_dict(sd, config)['params']['encoder']
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(enc))
 
 
@@ -212,7 +212,8 @@ def test_mocov3_export_import_is_exact(tmp_path):
   online = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
   momentum = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 1)
   path = str(tmp_path / 'ours.pth.tar')
-  interop_files.write_torch(path, {'state_dict': interop.mocov3_state_dict(online, momentum, config)})
+  sd = interop_state_dicts.mocov3_state_dict(online, momentum, config)
+  interop_files.write_torch(path, {'state_dict': sd})
   for which, want in (('online', online), ('momentum', momentum)):
     got = interop_files.load_variables(path, config, encoder=which)
     parts = ['encoder', 'projector'] + (['predictor'] if which == 'online' else [])
@@ -284,7 +285,7 @@ def test_mae_export_import_is_exact(tmp_path):
   dims = models.vit_dims(config.model)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
-            **interop.decoder_to_mae(want['params']['decoder'], num_patches))
+            **interop_state_dicts.decoder_to_mae(want['params']['decoder'], num_patches))
   path = str(tmp_path / 'ours.mae.pth')
   interop_files.write_torch(path, {'model': sd})
   got = interop_files.load_variables(path, config)
@@ -301,7 +302,7 @@ def test_timm_learned_cls_position_is_folded_into_the_cls_token():
     vit.pos_embed[:, 1:].copy_(torch.from_numpy(models.sincos_2d(width, grid)))
   assert vit.pos_embed[0, 0].abs().max() > 0  # a learned cls position
   sd = {k: v.numpy() for k, v in vit.state_dict().items()}
-  variables = interop.variables_from_state_dict(sd, config)
+  variables = interop_state_dicts.variables_from_state_dict(sd, config)
   x = images(config)
   with torch.no_grad():
     theirs = vit(to_torch(x)).numpy()
@@ -355,7 +356,7 @@ def mocov3_workdir(digits_dir, tmp_path_factory):
 
 
 def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
-  from macrl_jax import restore
+  from macrl_jax import workdir
   out = str(tmp_path / 'enc.safetensors')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'),
@@ -367,7 +368,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
   scope = {}
   exec('\n'.join(code), scope)  # the two printed lines, as a user pastes them
   model = scope['model'].eval()
-  restored = restore.load_workdir(mocov3_workdir, params='momentum')
+  restored = workdir.load_workdir(mocov3_workdir, params='momentum')
   x = images(restored.config)
   ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
   with torch.no_grad():
@@ -375,7 +376,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
 
 
 def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
-  from macrl_jax import restore
+  from macrl_jax import workdir
   config = digits_config(digits_dir, 'mimco', total_steps=2, checkpoint_every_steps=2)
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
@@ -383,7 +384,7 @@ def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
   metrics = train.train_and_evaluate(config, str(tmp_path / 'student'))
   assert np.isfinite(metrics['loss'])
   # The teacher carried in the student's checkpoints is the file's momentum encoder and projector.
-  state = restore.load_workdir(str(tmp_path / 'student')).state
+  state = workdir.load_workdir(str(tmp_path / 'student')).state
   want = interop_files.load_variables(path, mimco_teacher_config(config), encoder='momentum',
                                       parts=('encoder', 'projector'))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['teacher']), want)
@@ -395,12 +396,12 @@ def mimco_teacher_config(config):
 
 
 def test_init_loads_the_file_into_the_train_state(tmp_path):
-  from macrl_jax import sharding, train_step
+  from macrl_jax import build, sharding
   config = config_for('mocov3')
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
   config.init = path
-  state = jax.device_get(train_step.Trainer(config, sharding.make_mesh()).init_state())
+  state = jax.device_get(build.build(config, sharding.make_mesh()).init_state())
   online = interop_files.load_variables(path, config)
   momentum = interop_files.load_variables(path, config, encoder='momentum')
   for part in ('encoder', 'projector', 'predictor'):
@@ -411,14 +412,14 @@ def test_init_loads_the_file_into_the_train_state(tmp_path):
                momentum['batch_stats']['projector'])
   # A method without the heads takes the encoder only (and does not check the heads' shapes).
   mae = config_for('mae', init=path, **{'model.proj_hidden': 8})
-  state = jax.device_get(train_step.Trainer(mae, sharding.make_mesh()).init_state())
+  state = jax.device_get(build.build(mae, sharding.make_mesh()).init_state())
   jax.tree.map(np.testing.assert_array_equal, state['params']['encoder'], online['params']['encoder'])
 
 
 def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
   path = str(tmp_path / 'moco.pth.tar')
-  from macrl_jax import restore
-  config = restore.load_config(mocov3_workdir)
+  from macrl_jax import workdir
+  config = workdir.load_config(mocov3_workdir)
   online, _, _ = make_mocov3_file(path, config)
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = str(tmp_path / 'feats.npz')
@@ -427,7 +428,7 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
                         capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   feats = np.load(out)['features']
-  restored = restore.load_init_file(mocov3_workdir, path)
+  restored = workdir.load_init_file(mocov3_workdir, path)
   x = images(config)
   ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
   perm = np.concatenate([np.arange(32, 64), np.arange(32)])
@@ -438,8 +439,8 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
 
 
 def test_the_core_does_not_import_torch():
-  code = ('import sys; from macrl_jax import train, train_step, mimco, restore, finetune, interop, '
-          'evaluation; bad = [m for m in sys.modules if m.split(".")[0] in '
+  code = ('import sys; from macrl_jax import train, build, teacher, workdir, finetune, interop, '
+          'features; bad = [m for m in sys.modules if m.split(".")[0] in '
           '("torch", "timm", "safetensors")]; assert not bad, bad')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                         timeout=300)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config, override
-from macrl_jax import losses, mimco, sharding, train, train_step
+from macrl_jax import build, losses, mimco, sharding, teacher, train, workdir
 
 
 def np_patch_infonce(pred, target, ids_masked, t, negatives):
@@ -60,24 +60,23 @@ def student_config(digits_dir, teacher_dir, **overrides):
 def test_teacher_is_frozen_and_gradients_reach_the_student_only(digits_dir, teacher_dir):
   config = student_config(digits_dir, teacher_dir)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
-  restored = jax.device_get(mimco.load_teacher(config, mesh))
+  teacher.resolve(config)
+  built = build.build(config, mesh)
+  state = built.init_state()
+  state['teacher'] = jax.device_put(teacher.load(config, mesh), built.shardings['teacher'])
   before = jax.device_get(state)
-  jax.tree.map(np.testing.assert_array_equal, before['teacher'], restored)
   assert 'teacher' not in before['opt_state'][0].mu  # no optimizer state for the teacher
   rs = np.random.RandomState(0)
   batch = {'view1': rs.randn(32, 16, 16, 3).astype(np.float32)}
 
   # d loss / d teacher is exactly zero; d loss / d student is not.
-  step_fn = mimco.make_train_step(config, trainer.modules, trainer.teacher_modules, trainer.tx,
-                                  trainer.lr_fn)
+  step_fn = mimco.make_train_step(config, built.modules, built.tx, built.lr_fn)
   grad_teacher = jax.grad(lambda t: step_fn(dict(before, teacher=t), batch)[1]['loss'])(
       before['teacher'])
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_teacher))
 
   for _ in range(3):
-    state, metrics = trainer.step(state, sharding.make_global_batch(batch, mesh))
+    state, metrics = built.step(state, sharding.make_global_batch(batch, mesh))
   after = jax.device_get(state)
   jax.tree.map(np.testing.assert_array_equal, after['teacher'], before['teacher'])  # bit-identical
   for part in ('encoder', 'decoder', 'projector'):  # the student's parts all learn
@@ -89,23 +88,28 @@ def test_teacher_is_frozen_and_gradients_reach_the_student_only(digits_dir, teac
 
 def test_mimco_workdir_is_self_contained(digits_dir, teacher_dir, tmp_path):
   """The student's checkpoint and config.json carry the teacher, so tools need no teacher dir."""
-  workdir = str(tmp_path / 'student')
-  result = train.train_and_evaluate(student_config(digits_dir, teacher_dir), workdir)
+  student = str(tmp_path / 'student')
+  config = student_config(digits_dir, teacher_dir)
+  result = train.train_and_evaluate(config, student)
   assert result['step'] == 4 and 0 <= result['knn_top1'] <= 1
   import json
-  spec = json.load(open(os.path.join(workdir, 'config.json')))['teacher']['spec']
+  spec = json.load(open(os.path.join(student, 'config.json')))['teacher']['spec']
   assert spec['method'] == 'mocov3' and spec['model']['variant'] == 'mu/4'
+  # The student's checkpoint holds the teacher's momentum networks, untouched by the steps.
+  saved = jax.device_get(workdir.load_workdir(student).state['teacher'])
+  jax.tree.map(np.testing.assert_array_equal, saved,
+               jax.device_get(teacher.load(config, sharding.make_mesh())))
 
 
 def test_teacher_trained_with_a_queue_loads_only_what_mimco_needs(digits_dir, tmp_path):
   """The teacher's queue (and optimizer state) are not restored, so their shapes do not matter."""
-  teacher = str(tmp_path / 'teacher')
+  teacher_wd = str(tmp_path / 'teacher')
   train.train_and_evaluate(digits_config(digits_dir, 'mocov3', total_steps=2, queue_size=128),
-                           teacher)
-  config = student_config(digits_dir, teacher, total_steps=2)
+                           teacher_wd)
+  config = student_config(digits_dir, teacher_wd, total_steps=2)
   result = train.train_and_evaluate(config, str(tmp_path / 'student'))
   assert result['step'] == 2
-  loaded = mimco.load_teacher(config, sharding.make_mesh())
+  loaded = teacher.load(config, sharding.make_mesh())
   assert set(loaded) == {'params', 'batch_stats'} and set(loaded['params']) == {'encoder',
                                                                                 'projector'}
 
@@ -120,23 +124,23 @@ def test_a_refused_teacher_leaves_no_student_workdir(digits_dir, teacher_dir, tm
 def test_teacher_with_another_patch_size_is_refused_naming_both(digits_dir, teacher_dir):
   config = student_config(digits_dir, teacher_dir, **{'model.variant': 'mu/2'})
   with pytest.raises(ValueError, match=r"patch size 4 \(variant 'mu/4'\).*patch size 2 \(variant 'mu/2'\)"):
-    train_step.Trainer(config, sharding.make_mesh())
+    teacher.resolve(config)
 
 
 def test_teacher_errors(digits_dir, teacher_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    mimco.resolve_teacher(student_config(digits_dir, str(tmp_path / 'nowhere')))
+    teacher.resolve(student_config(digits_dir, str(tmp_path / 'nowhere')))
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'config.json').write_text(open(os.path.join(teacher_dir, 'config.json')).read())
   with pytest.raises(FileNotFoundError, match='has no checkpoint'):
-    mimco.resolve_teacher(student_config(digits_dir, str(empty)))
+    teacher.resolve(student_config(digits_dir, str(empty)))
   with pytest.raises(ValueError, match='config.image_size'):
-    mimco.resolve_teacher(student_config(digits_dir, teacher_dir, image_size=32))
+    teacher.resolve(student_config(digits_dir, teacher_dir, image_size=32))
   missing = student_config(digits_dir, teacher_dir)
   missing.teacher.workdir = None
   with pytest.raises(ValueError, match='config.teacher.workdir'):
-    train_step.Trainer(missing, sharding.make_mesh())
+    build.build(missing, sharding.make_mesh())
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from helpers import REPO, fixed_batch, tiny_config, without_gradient_free
-from macrl_jax import checkpoint, sharding, train_step
+from macrl_jax import build, checkpoint, sharding
 
 
 def tf_summary_tags(workdir) -> set[str]:
@@ -51,11 +51,11 @@ def test_two_processes_train_like_one(digits_dir, tmp_path):
   config = tiny_config('macrl', batch_size=8, queue_size=32)
   config.optim.base_lr = 1e-3
   mesh = sharding.make_mesh(jax.devices()[:4])
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
+  built = build.build(config, mesh)
+  state = built.init_state()
   losses = []
   for _ in range(3):
-    state, metrics = trainer.step(state, sharding.make_global_batch(fixed_batch(config), mesh))
+    state, metrics = built.step(state, sharding.make_global_batch(fixed_batch(config), mesh))
     losses.append(float(metrics['loss']))
   np.testing.assert_allclose(a['losses'], losses, rtol=1e-5)
   one = {jax.tree_util.keystr(p): np.asarray(x)
@@ -66,8 +66,7 @@ def test_two_processes_train_like_one(digits_dir, tmp_path):
     np.testing.assert_allclose(two[key], value, rtol=1e-3, atol=2e-5, err_msg=key)
 
   # Their collective checkpoint restores in a one-process run.
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
+  abstract = built.abstract_state
   mngr = checkpoint.manager(str(tmp_path / 'step_workdir'))
   restored, meta = checkpoint.restore_latest(mngr, abstract)
   assert meta['step'] == 3

@@ -109,15 +109,15 @@ def test_unwritable_checkpoints_are_refused_before_training(digits_dir, tmp_path
 
 def test_a_failed_save_stops_the_run_at_once_with_the_reason(digits_dir, tmp_path, monkeypatch):
   import time
-  from macrl_jax import checkpoint, train
+  from macrl_jax import checkpoint, train, workdir_setup
   ckpts = tmp_path / 'wd' / 'checkpoints'
-  prepare = train._prepare_workdir
+  prepare = workdir_setup.prepare
 
   def prepare_then_lock(workdir):  # writable at the start, not any more when saving
     prepare(workdir)
     immutable(ckpts)
 
-  monkeypatch.setattr(train, '_prepare_workdir', prepare_then_lock)
+  monkeypatch.setattr(workdir_setup, 'prepare', prepare_then_lock)
   start = time.time()
   try:
     with pytest.raises(checkpoint.CheckpointSaveError, match=f'saving a checkpoint to {ckpts} '
@@ -152,13 +152,14 @@ def test_second_training_in_a_workdir_is_refused_and_a_stale_lock_taken_over(dig
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
-  from macrl_jax import train
-  log = train.MetricsLog(str(tmp_path), enabled=True)
+  from macrl_jax import writers
+  log = writers.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
   for step in (2, 4, 6, 8):
-    log.write({'step': step, 'loss': 1.0})
+    log.write_scalars(step, {'loss': 1.0})
   log.truncate_after(4)
-  log.write({'step': 6, 'loss': 0.5})
-  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [2, 4, 6]
+  log.write_scalars(6, {'loss': 0.5})
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [2, 4, 6] and rows[-1] == {'loss': 0.5, 'step': 6}
 
 
 def test_ctrl_c_saves_like_sigterm_then_stops(digits_dir, tmp_path):
@@ -183,17 +184,15 @@ def test_ctrl_c_saves_like_sigterm_then_stops(digits_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------- out of memory
 def test_out_of_memory_names_the_bytes_and_the_fixes(digits_dir, tmp_path, monkeypatch):
-  from macrl_jax import train, train_step
-  init = train_step.Trainer.__init__
+  from macrl_jax import build, train
 
-  def init_with_a_step_too_big(self, *args, **kw):
-    init(self, *args, **kw)
-
+  def make_a_step_too_big(*args):
     def step(state, batch):
       raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 30404191616 bytes.')
-    self.step = step
+    return step
 
-  monkeypatch.setattr(train_step.Trainer, '__init__', init_with_a_step_too_big)
+  method = build.METHODS['macrl']._replace(make_train_step=make_a_step_too_big)
+  monkeypatch.setitem(build.METHODS, 'macrl', method)
   with pytest.raises(errors.UserError) as e:
     train.train_and_evaluate(digits_config(digits_dir), str(tmp_path / 'wd'))
   message = str(e.value)
@@ -205,23 +204,23 @@ def test_out_of_memory_names_the_bytes_and_the_fixes(digits_dir, tmp_path, monke
 # ----------------------------------------------------------------------------------- tools
 def test_tools_never_change_a_workdir_and_name_an_unreadable_step(digits_dir, tmp_path):
   import glob
-  from macrl_jax import checkpoint, restore, train
-  workdir = tmp_path / 'wd'
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=2), str(workdir))
-  for f in glob.glob(str(workdir / 'checkpoints' / '2' / 'state' / 'd' / '*')):
+  from macrl_jax import checkpoint, train, workdir
+  wd = tmp_path / 'wd'
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=2), str(wd))
+  for f in glob.glob(str(wd / 'checkpoints' / '2' / 'state' / 'd' / '*')):
     os.remove(f)  # torn: its array data is gone
-  with pytest.raises(restore.WorkdirError, match='no readable checkpoint'):
-    restore.load_workdir(str(workdir))
+  with pytest.raises(workdir.WorkdirError, match='no readable checkpoint'):
+    workdir.load_workdir(str(wd))
   with pytest.raises(checkpoint.UnreadableCheckpointError) as e:
-    restore.load_workdir(str(workdir), step=2)
+    workdir.load_workdir(str(wd), step=2)
   assert str(e.value).startswith('checkpoint step 2 is unreadable (') and '\n' not in str(e.value)
   # The command line prints that line alone.
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'linear_probe.py'),
-                         f'--workdir={workdir}', '--step=2'], capture_output=True, text=True,
+                         f'--workdir={wd}', '--step=2'], capture_output=True, text=True,
                         timeout=300)
   assert one_error_line(proc).startswith('error: checkpoint step 2 is unreadable (')
-  assert (workdir / 'checkpoints' / '2').is_dir()
-  assert not (workdir / 'checkpoints_unreadable').exists()
+  assert (wd / 'checkpoints' / '2').is_dir()
+  assert not (wd / 'checkpoints_unreadable').exists()
 
 
 # ----------------------------------------------------------------------------------- image folders

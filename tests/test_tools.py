@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from helpers import REPO, SHARED_DATA, digits_config, load_config, override
-from macrl_jax import checkpoint, evaluation, finetune, input_pipeline, probe, restore, train
+from macrl_jax import (accuracy, checkpoint, classifier, features, finetune, input_pipeline, knn,
+                       mixup, probe, train, workdir)
 
 TINY_IMAGENET_10 = SHARED_DATA / 'tiny-imagenet-10'
 
@@ -44,46 +45,46 @@ def read_json(path):
 @pytest.fixture(scope='module')
 def macrl_run(digits_dir, tmp_path_factory):
   """40 steps of macrl on digits (checkpoints at 20, 40) and the kNN top-1 its monitor logged."""
-  workdir = str(tmp_path_factory.mktemp('tools') / 'macrl')
+  wd = str(tmp_path_factory.mktemp('tools') / 'macrl')
   config = digits_config(digits_dir, total_steps=40, log_every_steps=40, eval_every_steps=40,
                          checkpoint_every_steps=20)
-  result = train.train_and_evaluate(config, workdir)
-  return dict(workdir=workdir, knn_top1=result['knn_top1'], config=config)
+  result = train.train_and_evaluate(config, wd)
+  return dict(workdir=wd, knn_top1=result['knn_top1'], config=config)
 
 
 @pytest.fixture(scope='module')
 def mae_run(digits_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('tools') / 'mae')
-  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=2), workdir)
-  return workdir
+  wd = str(tmp_path_factory.mktemp('tools') / 'mae')
+  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=2), wd)
+  return wd
 
 
 # ----------------------------------------------------------------------------------- errors
 def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_path):
   missing = tmp_path / 'missing'
-  with pytest.raises(restore.WorkdirError, match=r'does not exist; pre-train first with python '
+  with pytest.raises(workdir.WorkdirError, match=r'does not exist; pre-train first with python '
                      r'main.py --workdir='):
-    restore.load_workdir(str(missing))
+    workdir.load_workdir(str(missing))
 
   os.makedirs(tmp_path / 'empty')
-  with pytest.raises(restore.WorkdirError, match='has no config.json'):
-    restore.load_workdir(str(tmp_path / 'empty'))
+  with pytest.raises(workdir.WorkdirError, match='has no config.json'):
+    workdir.load_workdir(str(tmp_path / 'empty'))
 
   # A run that died before its first checkpoint: config.json only.
   os.makedirs(tmp_path / 'fresh')
   shutil.copy(os.path.join(macrl_run['workdir'], 'config.json'), tmp_path / 'fresh')
-  with pytest.raises(restore.WorkdirError) as e:
-    restore.load_workdir(str(tmp_path / 'fresh'))
+  with pytest.raises(workdir.WorkdirError) as e:
+    workdir.load_workdir(str(tmp_path / 'fresh'))
   assert str(e.value) == (f'no checkpoint in {tmp_path / "fresh" / "checkpoints"}; pre-train '
                           f'first with python main.py --workdir={tmp_path / "fresh"} ...')
   assert not os.path.exists(tmp_path / 'fresh' / 'checkpoints'), 'a tool must not create it'
 
-  with pytest.raises(restore.WorkdirError, match=r'no checkpoint at step 7 .*available steps: '
+  with pytest.raises(workdir.WorkdirError, match=r'no checkpoint at step 7 .*available steps: '
                      r'\[20, 40\]'):
-    restore.load_workdir(macrl_run['workdir'], step=7)
+    workdir.load_workdir(macrl_run['workdir'], step=7)
 
-  with pytest.raises(restore.WorkdirError, match='method=mae has no momentum encoder'):
-    restore.load_workdir(mae_run, params='momentum')
+  with pytest.raises(workdir.WorkdirError, match='method=mae has no momentum encoder'):
+    workdir.load_workdir(mae_run, params='momentum')
 
   # The command line prints the message, not a traceback, and exits with status 2.
   proc = run_tool('linear_probe', f'--workdir={macrl_run["workdir"]}', '--step=7')
@@ -94,19 +95,19 @@ def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_pa
 
 def test_visualize_refuses_a_method_without_pixel_decoder():
   from helpers import tiny_config
-  model = restore.random_init(tiny_config('mocov3'))
-  with pytest.raises(restore.WorkdirError, match='method=mocov3 has no pixel decoder'):
-    restore.require_pixel_decoder(model)
+  model = workdir.random_init(tiny_config('mocov3'))
+  with pytest.raises(workdir.WorkdirError, match='method=mocov3 has no pixel decoder'):
+    workdir.require_pixel_decoder(model)
 
 
 # ----------------------------------------------------------------------------------- restore
 def test_restore_picks_the_step_and_the_encoder(macrl_run, digits_dir):
-  latest = restore.load_workdir(macrl_run['workdir'], data_dir=digits_dir)
+  latest = workdir.load_workdir(macrl_run['workdir'], data_dir=digits_dir)
   assert latest.step == 40 and latest.config.method == 'macrl'
   assert latest.config.data_dir == digits_dir
   assert latest.decoder_params is not None
-  early = restore.load_workdir(macrl_run['workdir'], step=20)
-  momentum = restore.load_workdir(macrl_run['workdir'], params='momentum')
+  early = workdir.load_workdir(macrl_run['workdir'], step=20)
+  momentum = workdir.load_workdir(macrl_run['workdir'], params='momentum')
   assert early.step == 20 and momentum.params == 'momentum'
   leaf = lambda r: np.asarray(r.encoder_params['embedding']['kernel'])
   np.testing.assert_array_equal(leaf(momentum),
@@ -127,12 +128,11 @@ def test_knn_with_uniform_votes_equals_scikit_learn():
 
   ref = KNeighborsClassifier(n_neighbors=k, metric='cosine', weights='uniform')
   ref.fit(train_x, train_y)
-  from macrl_jax import knn
-  scores = knn.knn_predict(train_x, train_y, test_x, num_classes, k=k, weighted=False)
+  scores = knn.class_scores(train_x, train_y, test_x, num_classes, k=k, weighted=False)
   np.testing.assert_allclose(scores / k, ref.predict_proba(test_x), atol=1e-6)
   # Ties of the vote go to the lowest class index in both.
   np.testing.assert_array_equal(scores.argmax(1), ref.predict(test_x))
-  result = evaluation.knn_eval(train_x, train_y, test_x, test_y, num_classes, k=k, weighted=False)
+  result = knn.evaluate(train_x, train_y, test_x, test_y, num_classes, k=k, weighted=False)
   assert result['top1'] == ref.score(test_x, test_y)
   assert 0.3 < result['top1'] < 1.0  # neither trivial nor chance
   assert result['top5'] == 1.0  # 5 classes
@@ -141,9 +141,9 @@ def test_knn_with_uniform_votes_equals_scikit_learn():
 def test_topk_accuracy():
   scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
   labels = np.array([1, 1, 0])
-  assert evaluation.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
-  assert evaluation.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
-  assert evaluation.topk_accuracy(scores, labels, 5) == 1.0
+  assert accuracy.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+  assert accuracy.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+  assert accuracy.topk_accuracy(scores, labels, 5) == 1.0
 
 
 # ----------------------------------------------------------------------------------- probe
@@ -185,9 +185,9 @@ def test_layer_wise_lr_multipliers():
   depth, decay = 4, 0.5
   encoder = models.Encoder(4, 16, depth, 2, 32)
   for scan in (False, True):
-    model = finetune.Classifier(encoder.clone(scan=scan), 10, 'mean')
+    model = classifier.Classifier(encoder.clone(scan=scan), 10, 'mean')
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))['params']
-    m = finetune.layer_multipliers(params, depth, decay)
+    m = classifier.layer_multipliers(params, depth, decay)
     assert m['head']['kernel'] == 1.0 and m['fc_norm']['scale'] == 1.0
     assert m['encoder']['transformer']['norm']['scale'] == 1.0
     assert m['encoder']['embedding']['kernel'] == decay ** (depth + 1)
@@ -204,30 +204,30 @@ def test_layer_wise_lr_multipliers():
 def test_mixup_and_cutmix_mix_the_labels_as_the_pixels():
   images = np.stack([np.full((8, 8, 3), i, np.float32) for i in range(4)])  # image i is all i
   targets = np.eye(4, dtype=np.float32)
-  for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+  for alpha_mixup, alpha_cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
     for seed in range(5):
-      x, t = (np.asarray(a) for a in finetune.mix(jax.random.PRNGKey(seed), images, targets,
-                                                   mixup, cutmix))
+      x, t = (np.asarray(a) for a in mixup.mix(jax.random.PRNGKey(seed), images, targets,
+                                               alpha_mixup, alpha_cutmix))
       np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
       # The partner of image i is image 3 − i; each label's weight is its share of the pixels.
       for i in range(4):
         np.testing.assert_allclose(x[i].mean(), t[i, i] * i + t[i, 3 - i] * (3 - i), atol=1e-5)
-      if mixup == 0:  # cutmix only: every pixel comes from one of the two images
+      if alpha_mixup == 0:  # cutmix only: every pixel comes from one of the two images
         assert set(np.unique(x[0])) <= {0.0, 3.0}
-  x, t = finetune.mix(jax.random.PRNGKey(0), images, targets, 0.0, 0.0)
+  x, t = mixup.mix(jax.random.PRNGKey(0), images, targets, 0.0, 0.0)
   assert x is images and t is targets
 
 
 def test_finetune_resumes_to_the_same_state(macrl_run):
-  restored = restore.load_workdir(macrl_run['workdir'])
+  restored = workdir.load_workdir(macrl_run['workdir'])
   args = override(finetune.default_args(), dict(epochs=0.36, batch_size=64,
                                                 checkpoint_every_steps=4, log_every_steps=4))
   full = finetune.finetune(restored, args, 'ft_resume')  # 1437 // 64 = 22 steps/epoch · 0.36 → 8
   assert full['step'] == full['total_steps'] == 8
   assert 0.0 <= full['top1'] <= 1.0
   ft_dir = os.path.join(macrl_run['workdir'], 'ft_resume')
-  assert restore.available_steps(ft_dir) == [4, 8]
-  abstract = finetune.Finetuner(restored, args, 1437).abstract_state
+  assert checkpoint.steps(ft_dir) == [4, 8]
+  abstract = finetune.build(restored, args, 1437).abstract_state
 
   def final_state():
     mngr = checkpoint.manager(ft_dir)
@@ -242,25 +242,25 @@ def test_finetune_resumes_to_the_same_state(macrl_run):
   jax.tree.map(np.testing.assert_array_equal, final_state(), before)
 
   # Other arguments in the same folder: an error, not a silently mixed run.
-  with pytest.raises(restore.WorkdirError, match=r'other arguments \(base_lr=0.001\)'):
+  with pytest.raises(workdir.WorkdirError, match=r'other arguments \(base_lr=0.001\)'):
     finetune.finetune(restored, override(args, {'base_lr': 0.01}), 'ft_resume')
 
 
 # ----------------------------------------------------------------------------------- the tools
 def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
   """The command lines, in the order a user would run them, and what each writes."""
-  workdir = macrl_run['workdir']
-  common = [f'--workdir={workdir}', f'--data_dir={digits_dir}']
-  evaldir = os.path.join(workdir, 'eval')
+  wd = macrl_run['workdir']
+  common = [f'--workdir={wd}', f'--data_dir={digits_dir}']
+  evaldir = os.path.join(wd, 'eval')
 
   out = check_ok(run_tool('extract_features', *common, '--split=test'))
   assert '360 features of dimension 64' in out
-  features = read_json(os.path.join(evaldir, 'extract_features.json'))
-  assert features['step'] == 40 and features['num_examples'] == 360
-  feats, labels = evaluation.load_features(features['out'])
+  extracted = read_json(os.path.join(evaldir, 'extract_features.json'))
+  assert extracted['step'] == 40 and extracted['num_examples'] == 360
+  feats, labels = features.load(extracted['out'])
   assert feats.shape == (360, 64) and np.isfinite(feats).all()
   # Every example once, in order, although 360 is not a multiple of the 8-device eval batch.
-  config = restore.load_config(workdir)
+  config = workdir.load_config(wd)
   batch = next(input_pipeline.create_eval_iterator(config, 'test', batch_size=360,
                                                    process_index=0, process_count=1))
   np.testing.assert_array_equal(labels, batch['label'])
@@ -276,7 +276,7 @@ def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
   check_ok(run_tool('extract_features', *common, '--split=train', '--out=' + str(
       os.path.join(evaldir, 'train.npz'))))
   check_ok(run_tool('knn_eval', '--train_features=' + os.path.join(evaldir, 'train.npz'),
-                    '--test_features=' + features['out'], f'--workdir={workdir}'))
+                    '--test_features=' + extracted['out'], f'--workdir={wd}'))
   assert read_json(os.path.join(evaldir, 'knn.json'))['top1'] == knn_result['top1']
 
   out = check_ok(run_tool('linear_probe', *common, '--seeds=2', '--epochs=30', '--step=20'))
@@ -298,7 +298,7 @@ def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
   out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64'))
   ft = read_json(os.path.join(evaldir, 'finetune.json'))
   assert ft['step'] == ft['total_steps'] == 2 and ft['pretrain_step'] == 40 and 'top1' in ft
-  assert os.path.isdir(os.path.join(workdir, 'finetune', 'checkpoints', '2'))
+  assert os.path.isdir(os.path.join(wd, 'finetune', 'checkpoints', '2'))
   out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64', '--from_scratch'))
   scratch = read_json(os.path.join(evaldir, 'finetune_scratch.json'))
   assert scratch['args']['layer_decay'] == 1.0 and scratch['args']['from_scratch']
@@ -311,11 +311,11 @@ def png_panel_mse(path):
 
 
 def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digits_dir, tmp_path):
-  workdir = str(tmp_path / 'mae')
+  trained = str(tmp_path / 'mae')
   train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=200, log_every_steps=100,
-                                         checkpoint_every_steps=200, eval_every_steps=200), workdir)
+                                         checkpoint_every_steps=200, eval_every_steps=200), trained)
   mse = {}
-  for name, wd in (('trained', workdir), ('untrained', mae_run)):  # 200 steps vs 2
+  for name, wd in (('trained', trained), ('untrained', mae_run)):  # 200 steps vs 2
     check_ok(run_tool('visualize', f'--workdir={wd}', '--num=16'))
     branch = read_json(os.path.join(wd, 'eval', 'visualize.json'))['branches']['view1']
     mse[name] = png_panel_mse(branch['png'])
@@ -332,15 +332,15 @@ def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digit
 @pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_digits(default_run):
   assert default_run['proc'].returncode == 0, default_run['proc'].stderr[-3000:]
-  pretrained = restore.load_workdir(str(default_run['workdir']), data_dir=default_run['data_dir'])
-  random = restore.random_init(pretrained.config)
+  pretrained = workdir.load_workdir(str(default_run['workdir']), data_dir=default_run['data_dir'])
+  random = workdir.random_init(pretrained.config)
   figures = {}
   for name, model in (('pretrained', pretrained), ('random', random)):
     c = model.config
-    (train_f, train_y), (test_f, test_y) = (evaluation.split_features(model, s)
+    (train_f, train_y), (test_f, test_y) = (features.restored_features(model, s)
                                             for s in (c.train_split, c.test_split))
     figures[name] = dict(
-        knn=evaluation.knn_eval(train_f, train_y, test_f, test_y, c.num_classes)['top1'],
+        knn=knn.evaluate(train_f, train_y, test_f, test_y, c.num_classes)['top1'],
         probe=probe.linear_probe(train_f, train_y, test_f, test_y, c.num_classes, seeds=3)['top1'])
   print('digits default run, top-1:', figures)
   # Measured: kNN 86.1 vs 68.3 %, linear probe 92.9 vs 89.6 % (a linear layer on the features of
@@ -371,9 +371,9 @@ def test_finetuning_a_checkpoint_beats_random_init_on_tiny_imagenet_10(tmp_path)
   config = override(load_config('tiny_imagenet', 'method=macrl'),
                     dict(TIN10_PRETRAIN, manual_dir=str(TINY_IMAGENET_10),
                          data_dir=str(tmp_path / 'tfds')))
-  workdir = str(tmp_path / 'tin10')
-  knn_top1 = train.train_and_evaluate(config, workdir)['knn_top1']
-  restored = restore.load_workdir(workdir)
+  wd = str(tmp_path / 'tin10')
+  knn_top1 = train.train_and_evaluate(config, wd)['knn_top1']
+  restored = workdir.load_workdir(wd)
   args = override(finetune.default_args(), TIN10_FINETUNE)
   pretrained = finetune.finetune(restored, args, 'finetune')
   scratch_args = override(finetune.default_args(), dict(TIN10_FINETUNE, from_scratch=True,

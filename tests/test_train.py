@@ -17,7 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import REPO, SHARED_DATA, digits_config, load_config, override
-from macrl_jax import checkpoint, input_pipeline, knn, sharding, train, train_step
+from macrl_jax import build, checkpoint, features, knn, loop, sharding, teacher, train
 
 MAIN = str(REPO / 'main.py')
 
@@ -27,9 +27,7 @@ def flags_of(config_overrides: dict) -> list[str]:
 
 
 def restore_params(config, workdir, step=None):
-  trainer = train_step.Trainer(config, sharding.make_mesh())
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
+  abstract = build.build(config, sharding.make_mesh()).abstract_state
   mngr = checkpoint.manager(workdir)
   state, meta = checkpoint.restore_latest(mngr, abstract, step)
   mngr.close()
@@ -38,15 +36,13 @@ def restore_params(config, workdir, step=None):
 
 def random_init_knn(config) -> float:
   mesh = sharding.make_mesh()
-  trainer = train_step.Trainer(config, mesh)
-  params = trainer.init_state()['params']['encoder']
-  fn = knn.make_feature_fn(trainer.modules.encoder, config.model.pool, mesh)
-  feats = {}
-  for split in (config.train_split, config.test_split):
-    it = input_pipeline.create_eval_iterator(config, split, batch_size=config.knn.eval_batch_size)
-    feats[split] = knn.extract(fn, params, it, mesh)
-  return knn.knn_top1(*feats[config.train_split], *feats[config.test_split], config.num_classes,
-                      config.knn.k, config.knn.temperature)
+  teacher.resolve(config)  # mimco
+  built = build.build(config, mesh)
+  params = built.init_state()['params']['encoder']
+  feats = {split: features.split_features(config, mesh, built.modules.encoder, params, split)
+           for split in (config.train_split, config.test_split)}
+  return knn.evaluate(*feats[config.train_split], *feats[config.test_split], config.num_classes,
+                      config.knn.k, config.knn.temperature)['top1']
 
 
 def read_jsonl(path):
@@ -186,7 +182,7 @@ def test_non_finite_step_is_refused_and_stops_before_any_eval(digits_dir, tmp_pa
   # device and found at the next log step (8), before the eval of that step.
   poisoned = digits_config(digits_dir, total_steps=8, log_every_steps=4, eval_every_steps=8,
                            **{'optim.base_lr': 1e30})
-  with pytest.raises(train.NonFiniteLossError) as e:
+  with pytest.raises(loop.NonFiniteLossError) as e:
     train.train_and_evaluate(poisoned, workdir)
   message = str(e.value)
   assert 'non-finite param_norm at step 5 (the step was not applied' in message, message
@@ -201,7 +197,7 @@ def test_non_finite_step_is_refused_and_stops_before_any_eval(digits_dir, tmp_pa
 def test_non_finite_without_any_checkpoint_says_so(digits_dir, tmp_path):
   poisoned = digits_config(digits_dir, total_steps=4, log_every_steps=4,
                            **{'optim.base_lr': 1e30})
-  with pytest.raises(train.NonFiniteLossError, match='there is no checkpoint to go back to'):
+  with pytest.raises(loop.NonFiniteLossError, match='there is no checkpoint to go back to'):
     train.train_and_evaluate(poisoned, str(tmp_path / 'wd'))
 
 
@@ -209,15 +205,15 @@ def test_a_finite_step_is_unchanged_by_the_guard_and_a_bad_one_is_refused(make_c
   from helpers import fixed_batch
   config = make_config('macrl')
   mesh = sharding.make_mesh()
-  trainer = train_step.Trainer(config, mesh)
+  built = build.build(config, mesh)
   batch = sharding.make_global_batch(fixed_batch(config), mesh)
-  state = trainer.init_state()
+  state = built.init_state()
   before = jax.device_get(state)
-  state, metrics = trainer.step(state, batch)
+  state, metrics = built.step(state, batch)
   assert float(metrics['skipped']) == 0.0 and int(state['step']) == 1
   bad = dict(batch, view1=batch['view1'] * np.nan)
   after_good = jax.device_get(state)
-  state, metrics = trainer.step(state, bad)
+  state, metrics = built.step(state, bad)
   assert float(metrics['skipped']) == 1.0 and not np.isfinite(float(metrics['loss']))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), after_good)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before['params']),

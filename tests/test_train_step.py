@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from helpers import fixed_batch, override, tiny_config, without_gradient_free
-from macrl_jax import config_checks, methods, optim, presets, sharding, train_step
+from macrl_jax import build, config_checks, methods, optim, presets, sharding, train_step
 
 
 def run_steps(config, devices, num_steps=1, seed=0):
   mesh = sharding.make_mesh(devices)
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
+  built = build.build(config, mesh)
+  state = built.init_state()
   batch = sharding.make_global_batch(fixed_batch(config, seed), mesh)
   metrics = []
   for _ in range(num_steps):
-    state, m = trainer.step(state, batch)
+    state, m = built.step(state, batch)
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics
 
@@ -44,8 +44,7 @@ def test_sharded_step_equals_single_device(method, fsdp):
 def test_fsdp_shards_params_and_optimizer_state():
   config = tiny_config('mae')
   config.sharding.fsdp = True
-  trainer = train_step.Trainer(config, sharding.make_mesh())
-  state = trainer.init_state()
+  state = build.build(config, sharding.make_mesh()).init_state()
   kernel = state['params']['encoder']['transformer']['block00']['mlp_in']['kernel']
   assert kernel.sharding.spec != jax.sharding.PartitionSpec()
   assert kernel.addressable_shards[0].data.size == kernel.size // 8
@@ -57,11 +56,11 @@ def test_momentum_update_is_ema_of_updated_online():
   config = tiny_config('macrl', momentum_base=0.9)
   config.optim.base_lr = 1e-2
   mesh = sharding.make_mesh(jax.devices()[:1])
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
-  state, _ = trainer.step(state, sharding.make_global_batch(fixed_batch(config), mesh))  # EMA ≠ online now
+  built = build.build(config, mesh)
+  state = built.init_state()
+  state, _ = built.step(state, sharding.make_global_batch(fixed_batch(config), mesh))  # EMA ≠ online now
   old = jax.device_get(state)
-  new, metrics = trainer.step(state, sharding.make_global_batch(fixed_batch(config, 1), mesh))
+  new, metrics = built.step(state, sharding.make_global_batch(fixed_batch(config, 1), mesh))
   new = jax.device_get(new)
   m = float(metrics['momentum'])
   np.testing.assert_allclose(m, train_step.momentum_at(1, config.total_steps, 0.9), rtol=1e-6)
@@ -78,9 +77,9 @@ def test_momentum_network_gets_no_gradient():
   """The loss's gradient w.r.t. the momentum params is exactly zero (stop_gradient on keys)."""
   config = tiny_config('macrl')
   mesh = sharding.make_mesh(jax.devices()[:1])
-  trainer = train_step.Trainer(config, mesh)
-  state = jax.device_get(trainer.init_state())
-  step_fn = train_step.make_train_step(config, trainer.modules, trainer.tx, trainer.lr_fn, 100)
+  built = build.build(config, mesh)
+  state = jax.device_get(built.init_state())
+  step_fn = train_step.make_train_step(config, built.modules, built.tx, built.lr_fn)
   batch = fixed_batch(config)
 
   def loss_of_ema(ema):
@@ -114,8 +113,7 @@ def test_tiny_model_drives_loss_down_on_a_fixed_batch(method):
 
 def test_weight_decay_mask_is_kernels_only():
   config = tiny_config('macrl')
-  trainer = train_step.Trainer(config, sharding.make_mesh(jax.devices()[:1]))
-  params = trainer.abstract_state['params']
+  params = build.build(config, sharding.make_mesh(jax.devices()[:1])).abstract_state['params']
   mask = optim.decay_mask(params)
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert flat["['encoder']['embedding']['kernel']"]
@@ -152,7 +150,7 @@ def test_bad_config_fails_before_compiling(overrides, field):
   with pytest.raises(ValueError, match=f'config.{field}'):
     config_checks.validate(config, num_devices=8)
   with pytest.raises(ValueError, match=f'config.{field}'):
-    train_step.Trainer(config, sharding.make_mesh())  # validates before tracing anything
+    build.build(config, sharding.make_mesh())  # validates before tracing anything
 
 
 @pytest.mark.parametrize('method,overrides,field', [
@@ -179,16 +177,16 @@ def test_scanned_blocks_give_the_same_step():
   batch = sharding.make_global_batch(fixed_batch(tiny_config('macrl')), mesh)
   results = {}
   for scan in (False, True):
-    trainer = train_step.Trainer(tiny_config('macrl', **{'model.scan': scan}), mesh)
-    state = jax.device_get(trainer.init_state())
+    built = build.build(tiny_config('macrl', **{'model.scan': scan}), mesh)
+    state = jax.device_get(built.init_state())
     if scan:  # the loop's initial parameters, stacked; the optimizer state starts at zero anyway
       state['params'] = stack_blocks(loop_state['params'])
       state['ema_params'] = stack_blocks(loop_state['ema_params'])
     else:
       loop_state = state
-    state = jax.device_put(state, trainer.state_sharding)
-    state, m1 = trainer.step(state, batch)
-    state, m2 = trainer.step(state, batch)
+    state = jax.device_put(state, built.shardings)
+    state, m1 = built.step(state, batch)
+    state, m2 = built.step(state, batch)
     results[scan] = jax.device_get((state['params'], m1['loss'], m2['loss']))
   assert results[True][0]['encoder']['transformer']['blocks']['mlp_in']['kernel'].shape[0] == 4
   np.testing.assert_allclose(results[True][1:], results[False][1:], rtol=1e-5)
@@ -203,12 +201,12 @@ def test_reconstruction_target_is_the_batch_target_when_given():
   """rec_target='clean': the masked view is compared with view<k>_target, not with itself."""
   config = tiny_config('mae')
   mesh = sharding.make_mesh(jax.devices()[:1])
-  trainer = train_step.Trainer(config, mesh)
+  built = build.build(config, mesh)
   batch = fixed_batch(config, 0)
 
   def loss_rec(batch):
-    state = trainer.init_state()
-    _, metrics = trainer.step(state, sharding.make_global_batch(batch, mesh))
+    state = built.init_state()
+    _, metrics = built.step(state, sharding.make_global_batch(batch, mesh))
     return float(metrics['loss_rec'])
 
   own = loss_rec(batch)

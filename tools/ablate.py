@@ -133,16 +133,17 @@ def pixel_baselines(config):
 
 
 def probe(restored, seed: int) -> dict:
-  from macrl_jax import evaluation, knn, probe as probe_lib
+  """kNN and linear-probe top-1 of the encoder, as tools/knn_eval.py and linear_probe.py compute
+  them (one probe run, seeded by the pre-training seed)."""
+  from macrl_jax import features, knn, probe as probe_lib
   c = restored.config
-  train_x, train_y = evaluation.split_features(restored, c.train_split)
-  test_x, test_y = evaluation.split_features(restored, c.test_split)
-  linear = probe_lib.train_probe(train_x, train_y, c.num_classes, epochs=FLAGS.probe_epochs,
-                                 seed=seed)
-  logits = probe_lib.predict(linear, test_x, c.num_classes)
-  return {'knn_top1': knn.knn_top1(train_x, train_y, test_x, test_y, c.num_classes, c.knn.k,
-                                   c.knn.temperature),
-          'linear_top1': evaluation.topk_accuracy(logits, test_y, 1)}
+  train_x, train_y = features.restored_features(restored, c.train_split)
+  test_x, test_y = features.restored_features(restored, c.test_split)
+  linear = probe_lib.linear_probe(train_x, train_y, test_x, test_y, c.num_classes, seeds=[seed],
+                                  epochs=FLAGS.probe_epochs)
+  return {'knn_top1': knn.evaluate(train_x, train_y, test_x, test_y, c.num_classes, c.knn.k,
+                                   c.knn.temperature)['top1'],
+          'linear_top1': linear['top1']}
 
 
 # --------------------------------------------------------------------------------------- timing
@@ -151,20 +152,20 @@ def step_seconds(configs: dict) -> dict:
   import jax
   import numpy as np
 
-  from macrl_jax import sharding, train_step
+  from macrl_jax import build, sharding
 
   mesh = sharding.make_mesh()
   runners = {}
   for name, config in configs.items():
-    trainer = train_step.Trainer(config, mesh)
+    built = build.build(config, mesh)
     rs = np.random.RandomState(0)
     shape = (config.batch_size, config.image_size, config.image_size, 3)
     batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
     if config.rec_target == 'clean':
       batch.update({f'view{v + 1}_target': batch[f'view{v + 1}'] for v in range(config.num_views)})
-    state = trainer.init_state()
-    state, _ = trainer.step(state, sharding.make_global_batch(batch, mesh))  # compiles
-    runners[name] = [trainer.step, state, sharding.make_global_batch(batch, mesh)]
+    state = built.init_state()
+    state, _ = built.step(state, sharding.make_global_batch(batch, mesh))  # compiles
+    runners[name] = [built.step, state, sharding.make_global_batch(batch, mesh)]
   times = {name: [] for name in configs}
   for _ in range(FLAGS.timing_rounds):
     for name, runner in runners.items():
@@ -285,7 +286,7 @@ def main(argv):
   if FLAGS.report_only:
     write_outputs(json.load(open(path)))
     return
-  from macrl_jax import restore, train
+  from macrl_jax import train, workdir
 
   if not FLAGS.trials:
     raise UserError('--trials=FILE is required (a JSON object of trials)')
@@ -330,7 +331,7 @@ def main(argv):
   for seed in seeds:
     random_row = rows.setdefault('random init', {'trial': 'random init'})
     if seed not in random_row.get('seeds', []):
-      scores = probe(restore.random_init(trial_config({'method': 'macrl'}, seed)), seed)
+      scores = probe(workdir.random_init(trial_config({'method': 'macrl'}, seed)), seed)
       for key, value in scores.items():
         random_row.setdefault(f'{key}_per_seed', []).append(value)
       random_row.setdefault('seeds', []).append(seed)
@@ -350,19 +351,19 @@ def main(argv):
                                     'overrides': trial.get('overrides', {}), 'steps': steps})
         if seed in row.get('seeds', []):
           continue
-        workdir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
+        run_dir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
         config = trial_config(trial, seed, steps)
         if trial['method'] == 'mimco':
           config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
                                                 f'seed{seed}')
         start = time.time()
-        outcome = train.train_and_evaluate(config, workdir)
+        outcome = train.train_and_evaluate(config, run_dir)
         seconds = time.time() - start
         if outcome.get('preempted'):
           # Stopped by SIGTERM or Ctrl-C: the run saved its state; record nothing and stop here.
           logging.warning('Stopped during trial %s; rerun the same command to resume.', key)
           return
-        scores = probe(restore.load_workdir(workdir), seed)
+        scores = probe(workdir.load_workdir(run_dir), seed)
         for metric, value in scores.items():
           row.setdefault(f'{metric}_per_seed', []).append(value)
         row.setdefault('pretrain_seconds_per_seed', []).append(seconds)

@@ -7,8 +7,8 @@
   python tools/benchmark.py --config=configs/tiny_imagenet.py \
       --config.manual_dir=../shared/data/tiny-imagenet-10 --config.num_classes=10   # real input
 
-The step is `train_step.Trainer(config, sharding.make_mesh()).step` (every branch, the EMA update,
-the queue), compiled ahead of time so that its compile time and XLA's cost analysis can be read.
+The step is `build.build(config, sharding.make_mesh()).step` (every branch, the EMA update, the
+queue), compiled ahead of time so that its compile time and XLA's cost analysis can be read.
 `--synthetic` feeds one device-resident random batch (TensorFlow is not imported); otherwise the
 input pipeline feeds the step through `prefetch.prefetch_to_mesh`, and its rate alone is reported too.
 
@@ -51,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from macrl_jax import flops as flops_lib  # noqa: E402
-from macrl_jax import errors, models, prefetch, presets, sharding, train_step  # noqa: E402
+from macrl_jax import build, errors, models, prefetch, presets, sharding, teacher  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -165,9 +165,9 @@ def input_only_rate(config, batches: int) -> tuple[float, object]:
 
 
 # --------------------------------------------------------------------------------------- the step
-def compile_step(trainer, state, batch):
+def compile_step(step, state, batch):
   start = time.perf_counter()
-  compiled = trainer.step.lower(state, batch).compile()
+  compiled = step.lower(state, batch).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -230,10 +230,10 @@ def compare_torch(config, step, state, batches, rounds: int, steps: int,
 
 
 # --------------------------------------------------------------------------------------- parts
-def part_functions(trainer, state, batch):
+def part_functions(config, modules, state, batch):
   """Each part of the step as its own function of (params, inputs): online encoder fwd+bwd, the
   momentum encoder (+ projector) forward, decoder fwd+bwd, heads fwd+bwd, over both views."""
-  config, (enc, dec, proj, pred) = trainer.config, trainer.modules
+  enc, dec, proj, pred = modules
   n = flops_lib.num_patches(config)
   views = [batch[f'view{v + 1}'] for v in range(config.num_views)]
   masks = [models.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None
@@ -274,9 +274,9 @@ def part_functions(trainer, state, batch):
   return fns
 
 
-def time_parts(trainer, state, batch, repeats: int) -> dict[str, Timing]:
+def time_parts(config, modules, state, batch, repeats: int) -> dict[str, Timing]:
   return {name: median_timing(fn, *args, repeats=repeats)
-          for name, (fn, args) in part_functions(trainer, state, batch).items()}
+          for name, (fn, args) in part_functions(config, modules, state, batch).items()}
 
 
 # --------------------------------------------------------------------------------------- report
@@ -332,8 +332,9 @@ def main(argv):
   config = _CONFIG.value
   mesh = sharding.make_mesh()
   device = jax.devices()[0]
-  trainer = train_step.Trainer(config, mesh)
-  state = trainer.init_state()
+  teacher.resolve(config)  # mimco: the student's shapes depend on the teacher's
+  built = build.build(config, mesh)
+  state = built.init_state()  # (a mimco teacher's values do not change the step's time)
 
   input_rate = None
   if _SYNTHETIC.value:
@@ -342,12 +343,12 @@ def main(argv):
     input_rate, iterator = input_only_rate(config, batches=max(_STEPS.value, 10))
     batches = prefetch.prefetch_to_mesh(iterator, mesh, size=2)
   first = next(batches)
-  compiled, compile_s = compile_step(trainer, state, first)
+  compiled, compile_s = compile_step(built.step, state, first)
   xla = xla_flops(compiled, mesh.size)
 
   parts = {}
   if _PARTS.value:  # before the timed steps, while `state` is not yet donated
-    parts = time_parts(trainer, state, first, repeats=5)
+    parts = time_parts(config, built.modules, state, first, repeats=5)
 
   n = _PEAK_SIZE.value or (2048 if device.platform == 'cpu' else 8192)
   probe = matmul_probe(device, n)

@@ -17,9 +17,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import cli, evaluation, restore  # noqa: E402
+from macrl_jax import features, workdir  # noqa: E402
 
-cli.define_workdir_flags()
+workdir.define_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "Feature pooling (default: the config's).")
 _OUT = flags.DEFINE_string('out', None, 'Output .npz (default: see above).')
@@ -27,20 +27,21 @@ _BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: knn.ev
 
 
 def main():
-  restored = cli.load()
+  restored = workdir.load_from_flags()
   config = restored.config
-  split, pool = cli.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
-  feats, labels = evaluation.split_features(restored, split, pool, _BATCH.value)
-  out = os.path.abspath(_OUT.value or evaluation.features_path(restored, split, pool))
+  split, pool = workdir.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
+  feats, labels = features.split_features(config, restored.mesh, restored.modules.encoder,
+                                         restored.encoder_params, split, pool, _BATCH.value)
+  out = os.path.abspath(_OUT.value or features.cache_path(restored, split, pool))
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  evaluation.save_features(out, feats, labels, split=split, pool=pool, params=restored.params,
-                           step=restored.step)
+  features.save(out, feats, labels, split=split, pool=pool, params=restored.params,
+                step=restored.step)
   result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
                 num_examples=int(len(labels)), dim=int(feats.shape[1]))
-  cli.report(restore.result_path(restored.workdir, 'extract_features'), result,
-             f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
-             f'{restored.params} encoder, step {restored.step}) → {out}')
+  workdir.report(workdir.result_path(restored.workdir, 'extract_features'), result,
+                 f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
+                 f'{restored.params} encoder, step {restored.step}) → {out}')
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  workdir.run_tool(main)

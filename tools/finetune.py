@@ -19,10 +19,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import cli, finetune, restore  # noqa: E402
+from macrl_jax import finetune, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
-cli.define_workdir_flags()
+workdir.define_flags()
 D = finetune.default_args()
 flags.DEFINE_float('epochs', D.epochs, 'Epochs over the train split.')
 flags.DEFINE_integer('batch_size', D.batch_size, 'Global batch (a multiple of the device count).')
@@ -54,7 +54,7 @@ def main():
     args[name] = FLAGS[name].value
   if args.from_scratch and not FLAGS['layer_decay'].present:
     args.layer_decay = 1.0  # random layers have no pre-trained features to protect
-  restored = cli.load()
+  restored = workdir.load_from_flags()
   name = _NAME.value or ('finetune_scratch' if args.from_scratch else 'finetune')
   result = finetune.finetune(restored, args, name)
   result.update(args=args.to_dict(), params=restored.params, name=name)
@@ -62,10 +62,10 @@ def main():
     print(f'Stopped at step {result["step"]}/{result["total_steps"]}; rerun the command to resume.')
     return
   init = 'random init' if args.from_scratch else f'pre-training step {restored.step}'
-  cli.report(restore.result_path(restored.workdir, name), result,
-             f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
-             f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
+  workdir.report(workdir.result_path(restored.workdir, name), result,
+                 f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
+                 f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  workdir.run_tool(main)

@@ -18,11 +18,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import cli, evaluation, restore  # noqa: E402
+from macrl_jax import features, knn, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-cli.define_workdir_flags()
+workdir.define_flags()
 _K = flags.DEFINE_integer('k', 20, 'Neighbours.')
 _T = flags.DEFINE_float('temperature', 0.07, 'Temperature of the vote weights exp(sim / T).')
 _UNIFORM = flags.DEFINE_bool('uniform', False, 'Unweighted (majority) vote.')
@@ -40,32 +40,32 @@ def main():
   if _TRAIN_NPZ.value or _TEST_NPZ.value:
     if not (_TRAIN_NPZ.value and _TEST_NPZ.value):
       raise SystemExit('error: give both --train_features and --test_features')
-    train_f, train_y = evaluation.load_features(_TRAIN_NPZ.value)
-    test_f, test_y = evaluation.load_features(_TEST_NPZ.value)
+    train_f, train_y = features.load(_TRAIN_NPZ.value)
+    test_f, test_y = features.load(_TEST_NPZ.value)
     num_classes = _NUM_CLASSES.value or int(max(train_y.max(), test_y.max())) + 1
-    out = (restore.result_path(FLAGS.workdir, 'knn') if FLAGS.workdir else
+    out = (workdir.result_path(FLAGS.workdir, 'knn') if FLAGS.workdir else
            os.path.join(os.path.dirname(os.path.abspath(_TEST_NPZ.value)), 'knn.json'))
     source = dict(train_features=_TRAIN_NPZ.value, test_features=_TEST_NPZ.value)
   else:
     if not FLAGS.workdir:
       raise SystemExit('error: give --workdir (or --train_features and --test_features)')
-    restored = cli.load()
+    restored = workdir.load_from_flags()
     config = restored.config
     pool = _POOL.value or config.model.pool
-    train_split = cli.split_name(config, _TRAIN_SPLIT.value)
-    test_split = cli.split_name(config, _TEST_SPLIT.value)
-    train_f, train_y = evaluation.cached_split_features(restored, train_split, pool, _BATCH.value)
-    test_f, test_y = evaluation.cached_split_features(restored, test_split, pool, _BATCH.value)
-    num_classes, out = config.num_classes, restore.result_path(restored.workdir, 'knn')
+    train_split = workdir.split_name(config, _TRAIN_SPLIT.value)
+    test_split = workdir.split_name(config, _TEST_SPLIT.value)
+    train_f, train_y = features.restored_features(restored, train_split, pool, _BATCH.value)
+    test_f, test_y = features.restored_features(restored, test_split, pool, _BATCH.value)
+    num_classes, out = config.num_classes, workdir.result_path(restored.workdir, 'knn')
     source = dict(step=restored.step, params=restored.params, pool=pool, train_split=train_split,
                   test_split=test_split)
-  result = evaluation.knn_eval(train_f, train_y, test_f, test_y, num_classes, **args)
+  result = knn.evaluate(train_f, train_y, test_f, test_y, num_classes, **args)
   result.update(args, **source, num_train=int(len(train_y)), num_test=int(len(test_y)))
-  cli.report(out, result,
-             f'kNN (k={_K.value}, T={_T.value}{", uniform" if _UNIFORM.value else ""}): '
-             f'top-1 {100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} % '
-             f'({len(test_y)} test, {len(train_y)} train examples)')
+  workdir.report(out, result,
+                 f'kNN (k={_K.value}, T={_T.value}{", uniform" if _UNIFORM.value else ""}): '
+                 f'top-1 {100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} % '
+                 f'({len(test_y)} test, {len(train_y)} train examples)')
 
 
 if __name__ == '__main__':
-  cli.run(main, required=())
+  workdir.run_tool(main, required=())

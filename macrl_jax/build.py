@@ -1,0 +1,71 @@
+"""The pre-training model, optimizer, state layout and jitted step of a config on a mesh.
+
+train.py builds the same things in its own sections; this is that construction in one call for the
+programs that need the step or the state's layout without the program around them: the tools'
+restore (workdir.py), the benchmarks, the ablation's step timing and the tests.
+
+METHODS says, per method, where its modules, initial state and step come from.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from macrl_jax import config_checks, mimco, models, optim, sharding, train_step
+
+
+class Method(NamedTuple):
+  make_modules: Callable  # (config) -> models.Modules
+  init_state: Callable  # (config, modules, tx, rng) -> state
+  make_train_step: Callable  # (config, modules, tx, lr_fn) -> step(state, batch)
+
+
+_TWO_VIEW = Method(models.make_modules, train_step.init_state, train_step.make_train_step)
+METHODS = {
+    'macrl': _TWO_VIEW,
+    'mae': _TWO_VIEW,
+    'mocov3': _TWO_VIEW,
+    'mimco': Method(mimco.make_modules, mimco.init_state, mimco.make_train_step),
+}
+
+
+class Built(NamedTuple):
+  modules: models.Modules
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  init_state: Callable  # (seed=None) -> the initial state on the mesh (config.init applied)
+  abstract_state: Any  # ShapeDtypeStructs carrying `shardings`
+  shardings: Any  # a NamedSharding per state array
+  step: Callable  # jit(step)(state, batch) -> (state, metrics); donates the state
+
+
+def build(config, mesh: jax.sharding.Mesh) -> Built:
+  """Validates `config` for `mesh`, then builds. A mimco config needs its teacher resolved
+  (teacher.resolve): the student's shapes depend on the teacher's."""
+  config_checks.validate(config, num_devices=mesh.size)
+  method = METHODS[config.method]
+  modules = method.make_modules(config)
+  tx, lr_fn = optim.make_optimizer(config, config.total_steps)
+
+  init = functools.partial(method.init_state, config, modules, tx)
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
+  jitted_init = jax.jit(init, out_shardings=shardings)
+
+  def init_state(seed: int | None = None):
+    state = jitted_init(jax.random.PRNGKey(config.seed if seed is None else seed))
+    if config.get('init'):
+      from macrl_jax import interop_files  # only with a file to read (it may need torch)
+      state = interop_files.initialise(state, config, shardings)
+    return state
+
+  step = jax.jit(method.make_train_step(config, modules, tx, lr_fn),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return Built(modules, tx, lr_fn, init_state, sharding.with_shardings(abstract, shardings),
+               shardings, step)

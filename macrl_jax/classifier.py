@@ -1,0 +1,69 @@
+"""The fine-tuning classifier and its optimizer, MAE's recipe.
+
+  classifier = encoder (drop path) → pool (cls token, or mean of patch tokens + LayerNorm) → linear
+  AdamW, linear warm-up + cosine, lr = base_lr · batch / 256, layer-wise lr decay (BEiT/MAE: block i
+  of depth d gets lr · decay^(d − i), the patch embedding and cls token decay^(d + 1), the final
+  norm and the head lr).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from macrl_jax import models, optim
+
+
+class Classifier(nn.Module):
+  encoder: models.Encoder
+  num_classes: int
+  pool: str = 'cls'
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = models.pool(self.encoder(images, train=train), self.pool)
+    if self.pool == 'mean':  # MAE's global-pool head normalises the averaged tokens
+      x = nn.LayerNorm(name='fc_norm')(x)
+    # A near-zero head (MAE) starts from uniform predictions without disturbing the encoder.
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(2e-5),
+                    name='head')(x)
+
+
+def layer_multipliers(params, depth: int, decay: float):
+  """The lr multiplier of every parameter (same tree): layer-wise decay, see the module docstring.
+
+  Under nn.scan (model.scan) the blocks are one stacked array per parameter; their multiplier is an
+  array over the leading (layer) axis.
+  """
+
+  def one(path, leaf):
+    keys = [getattr(p, 'key', None) for p in path]
+    if keys[0] != 'encoder':
+      return 1.0  # head, fc_norm
+    if 'transformer' not in keys:
+      return decay ** (depth + 1)  # patch embedding, cls token
+    block = keys[keys.index('transformer') + 1]
+    if block == 'blocks':
+      per_layer = decay ** (depth - np.arange(depth, dtype=np.float32))
+      return jnp.asarray(per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1)))
+    if block.startswith('block'):
+      return decay ** (depth - int(block[5:]))
+    return 1.0  # the encoder's final norm
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_optimizer(args, params, depth: int, total_steps: int, warmup_steps: int):
+  peak = args.base_lr * args.batch_size / 256
+  schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, 2),
+                                                end_value=min(args.min_lr, peak))
+  multipliers = layer_multipliers(params, depth, args.layer_decay)
+  tx = optax.chain(
+      optax.adamw(schedule, b1=args.b1, b2=args.b2, weight_decay=args.weight_decay,
+                  mask=optim.decay_mask),
+      # After AdamW, so that the multiplier scales the decay term too (as PyTorch's param groups).
+      optax.stateless(lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, multipliers)))
+  return tx, schedule
