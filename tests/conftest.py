@@ -55,5 +55,21 @@ def default_run(tmp_path_factory):
               data_dir=env['TFDS_DATA_DIR'])
 
 
+# Files whose tests call functions in-process on small arrays; the others train, restore or run
+# the programs in subprocesses.
+UNIT_FILES = {'test_flops.py', 'test_imports.py', 'test_losses.py', 'test_models.py',
+              'test_prefetch.py', 'test_train_step.py', 'test_input_pipeline.py'}
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: runs the real default command (minutes)')
+  config.addinivalue_line('markers', 'unit: in-process, small arrays (seconds)')
+  config.addinivalue_line('markers', 'integration: trains, restores or runs a program')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.get_closest_marker('slow') is None:
+      unit = item.path.name in UNIT_FILES
+      item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
