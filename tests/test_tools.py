@@ -10,8 +10,10 @@ and a short pre-training on tiny-imagenet-10.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -436,3 +438,36 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert t['mae'] < t['qm']
   assert results['rows']['mae (equal time)']['steps'] == round(4 * t['qm'] / t['mae']) > 4
   assert 'qm (equal time)' not in results['rows']  # the reference's time run is its epochs run
+
+
+def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_path):
+  """SIGTERM during a trial's pre-training: the run saves, the driver exits without a row for it,
+  and the same command then finishes the trial from its checkpoint."""
+  out = tmp_path / 'ablation'
+  trials = tmp_path / 'trials.json'
+  trials.write_text(json.dumps({'mae': {'method': 'mae'}}))
+  small = {'total_steps': 400, 'batch_size': 32, 'model.width': 32, 'model.depth': 1,
+           'model.num_heads': 2, 'model.mlp_dim': 64, 'model.decoder_width': 32,
+           'model.decoder_depth': 1, 'optim.warmup_steps': 2, 'log_every_steps': 10,
+           'eval_every_steps': 1000, 'checkpoint_every_steps': 1000, 'data_dir': digits_dir}
+  args = [sys.executable, str(REPO / 'tools' / 'ablate.py'), '--config=configs/digits.py',
+          *[f'--config.{k}={v}' for k, v in small.items()], f'--out={out}', f'--trials={trials}',
+          '--protocol=selection', '--seeds=0', '--probe_epochs=2']
+  metrics = out / 'runs' / 'mae' / 'epochs' / 'seed0' / 'metrics.jsonl'
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  stderr = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'rerun the same command to resume' in stderr
+  assert 'mae' not in read_json(out / 'results.json')['rows']
+  stopped_at = [json.loads(line)['step'] for line in metrics.read_text().splitlines()][-1]
+  assert stopped_at < small['total_steps']
+
+  check_ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600))
+  row = read_json(out / 'results.json')['rows']['mae']
+  assert row['seeds'] == [0] and len(row['linear_top1_per_seed']) == 1
+  steps = [json.loads(line)['step'] for line in metrics.read_text().splitlines()]
+  assert steps[-1] == small['total_steps'] and steps == sorted(set(steps))
