@@ -446,7 +446,7 @@ def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_pa
   out = tmp_path / 'ablation'
   trials = tmp_path / 'trials.json'
   trials.write_text(json.dumps({'mae': {'method': 'mae'}}))
-  small = {'total_steps': 400, 'batch_size': 32, 'model.width': 32, 'model.depth': 1,
+  small = {'total_steps': 200, 'batch_size': 32, 'model.width': 32, 'model.depth': 1,
            'model.num_heads': 2, 'model.mlp_dim': 64, 'model.decoder_width': 32,
            'model.decoder_depth': 1, 'optim.warmup_steps': 2, 'log_every_steps': 10,
            'eval_every_steps': 1000, 'checkpoint_every_steps': 1000, 'data_dir': digits_dir}
