@@ -20,12 +20,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from macrl_jax import build, errors, sharding  # noqa: E402
+from macrl_jax.step_timing import random_local_batch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
 _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps.')
@@ -46,14 +46,6 @@ def op_times(trace_dir: str) -> collections.Counter:
         if kind != 'ThunkExecutor::Execute':  # the executor's span encloses the ops below it
           totals[kind] += event.duration_ns
   return totals
-
-
-def random_local_batch(config) -> dict:
-  rs = np.random.RandomState(0)
-  shape = (config.batch_size // jax.process_count(), config.image_size, config.image_size, 3)
-  batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
-  batch['label'] = rs.randint(0, config.num_classes, shape[0]).astype(np.int32)
-  return batch
 
 
 def main(argv):

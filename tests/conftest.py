@@ -57,7 +57,7 @@ def default_run(tmp_path_factory):
 
 # Files whose tests call functions in-process on small arrays; the others train, restore or run
 # the programs in subprocesses.
-UNIT_FILES = {'test_flops.py', 'test_imports.py', 'test_losses.py', 'test_models.py',
+UNIT_FILES = {'test_comparison.py', 'test_flops.py', 'test_imports.py', 'test_losses.py', 'test_models.py',
               'test_prefetch.py', 'test_train_step.py', 'test_input_pipeline.py'}
 
 

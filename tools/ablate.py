@@ -38,7 +38,6 @@ OUT/results.json and OUT/results.md (`--readme=NAME` also replaces the README bl
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -47,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import errors  # noqa: E402
+from macrl_jax import comparison, errors  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Pre-training config (and overrides).',
@@ -68,7 +67,6 @@ flags.DEFINE_string('readme', None, 'Name of the README block to replace with th
 FLAGS = flags.FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ('knn_top1', 'linear_top1')
 
 
 # --------------------------------------------------------------------------------------- configs
@@ -103,35 +101,6 @@ def trial_config(trial: dict, seed: int, steps: int | None = None):
   return config
 
 
-# ------------------------------------------------------------------------------------ baselines
-def pixel_baselines(config):
-  """Logistic regression (C by 3-fold cross-validation) and 20-NN on normalised pixels."""
-  from sklearn.linear_model import LogisticRegressionCV
-  from sklearn.neighbors import KNeighborsClassifier
-  from sklearn.preprocessing import StandardScaler
-  import numpy as np
-
-  from macrl_jax import input_pipeline
-
-  def pixels(split):
-    xs, ys = [], []
-    for b in input_pipeline.create_eval_iterator(config, split, batch_size=256, process_index=0,
-                                                 process_count=1):
-      xs.append(b['image'][b['mask']].reshape(int(b['mask'].sum()), -1))
-      ys.append(b['label'][b['mask']])
-    return np.concatenate(xs), np.concatenate(ys)
-
-  (xtr, ytr), (xte, yte) = pixels(config.train_split), pixels(config.test_split)
-  scaler = StandardScaler().fit(xtr)
-  logreg = LogisticRegressionCV(Cs=[1e-3, 1e-2, 1e-1, 1.0], cv=3, scoring='accuracy', max_iter=2000)
-  logreg.fit(scaler.transform(xtr), ytr)
-  knn = {metric: KNeighborsClassifier(20, metric=metric).fit(xtr, ytr).score(xte, yte)
-         for metric in ('cosine', 'euclidean')}
-  return {'linear_top1': float(logreg.score(scaler.transform(xte), yte)),
-          'linear_C': float(np.ravel(logreg.C_)[0]),
-          'knn_top1': float(knn['cosine']), 'knn_euclidean_top1': float(knn['euclidean'])}
-
-
 def probe(restored, seed: int) -> dict:
   """kNN and linear-probe top-1 of the encoder, as tools/knn_eval.py and linear_probe.py compute
   them (one probe run, seeded by the pre-training seed)."""
@@ -146,123 +115,10 @@ def probe(restored, seed: int) -> dict:
           'linear_top1': linear['top1']}
 
 
-# --------------------------------------------------------------------------------------- timing
-def step_seconds(configs: dict) -> dict:
-  """Median seconds of one compiled train step of each config, timed in alternating rounds."""
-  import jax
-  import numpy as np
-
-  from macrl_jax import build, sharding
-
-  mesh = sharding.make_mesh()
-  runners = {}
-  for name, config in configs.items():
-    built = build.build(config, mesh)
-    rs = np.random.RandomState(0)
-    shape = (config.batch_size, config.image_size, config.image_size, 3)
-    batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
-    if config.rec_target == 'clean':
-      batch.update({f'view{v + 1}_target': batch[f'view{v + 1}'] for v in range(config.num_views)})
-    state = built.init_state()
-    state, _ = built.step(state, sharding.make_global_batch(batch, mesh))  # compiles
-    runners[name] = [built.step, state, sharding.make_global_batch(batch, mesh)]
-  times = {name: [] for name in configs}
-  for _ in range(FLAGS.timing_rounds):
-    for name, runner in runners.items():
-      step, state, batch = runner
-      for _ in range(3):
-        start = time.perf_counter()
-        state, _ = step(state, batch)
-        jax.block_until_ready(state)
-        times[name].append(time.perf_counter() - start)
-      runner[1] = state
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-# --------------------------------------------------------------------------------------- report
-def summarize(row: dict) -> None:
-  """Adds the mean and std over seeds of each metric's per-seed list."""
-  for key in METRICS:
-    values = row.get(f'{key}_per_seed')
-    if values:
-      row[key] = statistics.fmean(values)
-      row[f'{key}_std'] = statistics.pstdev(values) if len(values) > 1 else None
-
-
-def summary_lines(results: dict) -> list[str]:
-  """Per budget: each method's best trial by mean linear top-1, and macrl against the best of
-  mae and mocov3, with twice the larger seed std (a gap smaller than that is a tie)."""
-  rows, lines = results['rows'], []
-  for budget in ('epochs', 'time'):
-    candidates = [(n, r) for n, r in rows.items() if r.get('budget') == budget]
-    if budget == 'time' and candidates:  # the reference's time run is its epochs run
-      candidates += [(n, r) for n, r in rows.items()
-                     if r.get('budget') == 'epochs' and r.get('trial') == results.get('reference')]
-    best = {}
-    for name, row in candidates:
-      method = row['method']
-      if 'linear_top1' in row and (method not in best or
-                                   row['linear_top1'] > best[method][1]['linear_top1']):
-        best[method] = (row.get('trial', name), row)
-    if not best:
-      continue
-    chosen = ', '.join(f'{m}: {t} ({100 * r["linear_top1"]:.1f})' for m, (t, r) in best.items())
-    lines += ['', f'Best trial of each method by linear top-1, {budget} budget: {chosen}.']
-    rivals = [b for m, b in best.items() if m in ('mae', 'mocov3')]
-    if 'macrl' in best and rivals:
-      macrl = best['macrl'][1]
-      rival_name, rival = max(rivals, key=lambda b: b[1]['linear_top1'])
-      gap = macrl['linear_top1'] - rival['linear_top1']
-      stds = [r.get('linear_top1_std') for r in (macrl, rival)]
-      if None in stds:
-        lines.append(f'macrl − {rival_name}: {100 * gap:+.1f} points (one seed: no spread).')
-      else:
-        bar = 2 * max(stds)
-        verdict = 'macrl ahead' if gap > bar else ('macrl behind' if gap < -bar else 'a tie')
-        lines.append(f'macrl − {rival_name}: {100 * gap:+.1f} points; twice the larger seed '
-                     f'std: {100 * bar:.1f}; {verdict}.')
-  return lines
-
-
-def render(results) -> str:
-  seeds = results['seeds']
-  lines = [f'Protocol: {results["protocol"]} (evaluated on {results["eval_split"]}). Budget: '
-           f'{results["budget"]}. Pre-training seeds: {", ".join(map(str, seeds))}; figures are '
-           'mean ± std over the seeds (population std), linear = BN + linear probe, kNN k=20 T=0.07.',
-           '', '| run | method | overrides | budget | steps | kNN top-1 | linear top-1 | linear per '
-           'seed | pre-train min |', '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-
-  def pct(row, key):
-    if key not in row:
-      return '–'
-    std = row.get(f'{key}_std')
-    text = f'{100 * row[key]:.1f}' + (f' ± {100 * std:.1f}' if std is not None else '')
-    if key == 'knn_top1' and 'knn_euclidean_top1' in row:
-      text += f' (Euclidean: {100 * row["knn_euclidean_top1"]:.1f})'
-    if key == 'linear_top1' and 'linear_C' in row:
-      text += f' (logistic regression, C={row["linear_C"]:g})'
-    return text
-
-  for name, row in results['rows'].items():
-    overrides = ', '.join(f'{k}={v}' for k, v in row.get('overrides', {}).items()) or '–'
-    per_seed = ', '.join(f'{100 * v:.1f}' for v in row.get('linear_top1_per_seed', [])) or '–'
-    minutes = row.get('pretrain_seconds_per_seed')
-    minutes = f'{statistics.fmean(minutes) / 60:.1f}' if minutes else '–'
-    lines.append(f'| {row.get("trial", name)} | {row.get("method", "–")} | {overrides} | '
-                 f'{row.get("budget", "–")} | {row.get("steps", "–")} | {pct(row, "knn_top1")} | '
-                 f'{pct(row, "linear_top1")} | {per_seed} | {minutes} |')
-  lines += summary_lines(results)
-  if results.get('step_seconds'):
-    lines += ['', 'Step seconds (median, timed alternately in one process): ' + ', '.join(
-        f'{k} {v:.3f}' for k, v in results['step_seconds'].items())]
-  lines += ['', f'Command: `{results["command"]}`']
-  return '\n'.join(lines) + '\n'
-
-
 def write_outputs(results):
   with open(os.path.join(FLAGS.out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-  table = render(results)
+  table = comparison.render(results)
   with open(os.path.join(FLAGS.out, 'results.md'), 'w') as f:
     f.write(table)
   if FLAGS.readme:
@@ -286,7 +142,7 @@ def main(argv):
   if FLAGS.report_only:
     write_outputs(json.load(open(path)))
     return
-  from macrl_jax import train, workdir
+  from macrl_jax import step_timing, train, workdir
 
   if not FLAGS.trials:
     raise UserError('--trials=FILE is required (a JSON object of trials)')
@@ -321,11 +177,12 @@ def main(argv):
   rows = results['rows']
 
   if 'pixels' not in rows:
-    rows['pixels'] = pixel_baselines(base)
+    rows['pixels'] = comparison.pixel_baselines(base)
   if 'time' in FLAGS.budgets and not results.get('step_seconds'):
     timed = [FLAGS.reference] + [n for n in names if n != FLAGS.reference]
-    results['step_seconds'] = step_seconds(
-        {n: trial_config(trials[n], 0) for n in timed if trials[n]['method'] != 'mimco'})
+    results['step_seconds'] = step_timing.alternating_step_seconds(
+        {n: trial_config(trials[n], 0) for n in timed if trials[n]['method'] != 'mimco'},
+        rounds=FLAGS.timing_rounds)
   write_outputs(results)
 
   for seed in seeds:
@@ -335,7 +192,7 @@ def main(argv):
       for key, value in scores.items():
         random_row.setdefault(f'{key}_per_seed', []).append(value)
       random_row.setdefault('seeds', []).append(seed)
-      summarize(random_row)
+      comparison.summarize(random_row)
       write_outputs(results)
     for budget in FLAGS.budgets:
       for name in names:
@@ -368,7 +225,7 @@ def main(argv):
           row.setdefault(f'{metric}_per_seed', []).append(value)
         row.setdefault('pretrain_seconds_per_seed', []).append(seconds)
         row.setdefault('seeds', []).append(seed)
-        summarize(row)
+        comparison.summarize(row)
         write_outputs(results)
 
 

@@ -35,24 +35,24 @@ Prints a table, then one JSON object as the last line of stdout.
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
-from typing import NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, 'benchmarks')]
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
 
 from macrl_jax import flops as flops_lib  # noqa: E402
 from macrl_jax import build, errors, models, prefetch, presets, sharding, teacher  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
+from macrl_jax.step_timing import (matmul_probe, peak_flops, peak_memory,  # noqa: E402
+                                   random_local_batch, repeat, time_steps)
+import step_parts  # noqa: E402  (benchmarks/)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/cifar100.py', lock_config=False)
@@ -70,87 +70,8 @@ _TORCH_MODES = flags.DEFINE_list('torch_modes', ['eager', 'compile'],
 _PEAK_SIZE = flags.DEFINE_integer(
     'peak_size', 0, 'Side of the square matmul measuring the peak (0: 2048 on CPU, 8192 else).')
 
-# Dense bf16 peak FLOP/s by device kind (first substring match; the longer names first).
-VENDOR_PEAK_BF16 = (
-    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
-    ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
-    ('TPU v4', 275e12),
-)
-PARTS = ('online_encoder', 'momentum_encoder', 'decoder', 'heads')
 
-
-# --------------------------------------------------------------------------------------- timing
-class Timing(NamedTuple):
-  wall: float  # seconds
-  cpu: float  # CPU seconds of this process, all threads
-
-
-def timed(fn, *args):
-  """Runs fn(*args) and waits for its result; returns (result, Timing)."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  out = jax.block_until_ready(fn(*args))
-  return out, Timing(time.perf_counter() - wall, time.process_time() - cpu)
-
-
-def median_timing(fn, *args, repeats: int, warmup: int = 1) -> Timing:
-  """Median wall and CPU time of fn(*args) (fn must not donate its arguments)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = [timed(fn, *args)[1] for _ in range(repeats)]
-  return Timing(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
-
-
-def matmul_probe(device, n: int):
-  """A jitted n×n matmul (float32 on CPU, bf16 else); returns a function that runs it once.
-
-  The benchmark runs it 10 times before the timed steps and 10 times after them, in the same
-  process, so that the load of other processes on a shared CPU weighs on it as on the steps.
-  """
-  dtype = jnp.float32 if device.platform == 'cpu' else jnp.bfloat16
-  a = jnp.asarray(np.random.RandomState(0).randn(n, n), dtype)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, a))
-  return lambda: timed(matmul, a, a)[1]
-
-
-def peak_flops(device, n: int, probes: list[Timing]) -> dict:
-  """The peak that MFU is relative to, where it comes from, and the measured matmul.
-
-  On CPU the peak is the matmul's fastest run: its median falls with other processes' load on a
-  shared CPU (run to run it moved between 243 and 353 GFLOP/s here, the fastest run between 384 and
-  410), and a peak that falls with the load would inflate the MFU.
-  """
-  flop = 2 * n ** 3
-  dtype = 'float32' if device.platform == 'cpu' else 'bf16'
-  median = flop / statistics.median(t.wall for t in probes)
-  out = dict(measured_matmul_flops=median,
-             measured_matmul_flops_best=flop / min(t.wall for t in probes))
-  vendor = next((p for kind, p in VENDOR_PEAK_BF16 if kind in device.device_kind), None)
-  if device.platform == 'cpu' or vendor is None:
-    return dict(out, peak_flops=out['measured_matmul_flops_best'],
-                peak_source=f'measured {dtype} matmul {n}x{n}, fastest of {len(probes)} runs '
-                'before and after the steps')
-  return dict(out, peak_flops=vendor, peak_source=f'vendor dense bf16 ({device.device_kind})')
-
-
-def peak_memory(device) -> tuple[int, str]:
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  if stats and 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'], 'device peak_bytes_in_use'
-  # ru_maxrss is in KiB on Linux.
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process peak RSS (host)'
-
-
-# --------------------------------------------------------------------------------------- batches
-def random_local_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  rs = np.random.RandomState(seed)
-  b = config.batch_size // jax.process_count()
-  shape = (b, config.image_size, config.image_size, 3)
-  batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
-  batch['label'] = rs.randint(0, config.num_classes, b).astype(np.int32)
-  return batch
-
-
+# --------------------------------------------------------------------------------------- input
 def input_only_rate(config, batches: int) -> tuple[float, object]:
   """Images/s of the input pipeline alone; returns the (warm) iterator for the step to use."""
   from macrl_jax import input_pipeline  # lazily: --synthetic runs without TensorFlow
@@ -179,34 +100,11 @@ def xla_flops(compiled, num_devices: int) -> float | None:
   return cost['flops'] * num_devices if cost and 'flops' in cost else None
 
 
-def time_steps(step, state, batches, warmup: int, steps: int):
-  """Timings of each step (fetching its batch included).
-
-  The state is donated to each step; we wait for the new state only at the timing boundary.
-  """
-  times = []
-  for i in range(warmup + steps):
-    (state, metrics), t = timed(lambda s: step(s, next(batches)), state)
-    if i >= warmup:
-      times.append(t)
-  loss = float(metrics['loss'])
-  if not np.isfinite(loss):
-    raise FloatingPointError(f'the benchmarked step gave loss {loss}')
-  return times, state
-
-
-def repeat(batch):
-  while True:
-    yield batch
-
-
 # --------------------------------------------------------------------------------------- torch
 def compare_torch(config, step, state, batches, rounds: int, steps: int,
                   modes=('eager', 'compile')) -> dict:
   """Images/s of our compiled step and of the PyTorch reference (eager, torch.compile), each
   timed for `steps` steps in turn, `rounds` times, in this process: the ratios are ours / theirs."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'benchmarks'))
   import torch_step  # pylint: disable=g-import-not-at-top
 
   builders = {'eager': ('torch eager', lambda: torch_step.make_step(config)[0]),
@@ -227,56 +125,6 @@ def compare_torch(config, step, state, batches, rounds: int, steps: int,
   ratios = {f'ratio_vs_{k.replace(" ", "_").replace(".", "_")}': round(rate['ours'] / v, 3)
             for k, v in rate.items() if k != 'ours'}
   return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()}, **ratios, rounds=rounds, steps_per_round=steps, torch_threads=torch_step.torch.get_num_threads())
-
-
-# --------------------------------------------------------------------------------------- parts
-def part_functions(config, modules, state, batch):
-  """Each part of the step as its own function of (params, inputs): online encoder fwd+bwd, the
-  momentum encoder (+ projector) forward, decoder fwd+bwd, heads fwd+bwd, over both views."""
-  enc, dec, proj, pred = modules
-  n = flops_lib.num_patches(config)
-  views = [batch[f'view{v + 1}'] for v in range(config.num_views)]
-  masks = [models.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None
-           for v, r in enumerate(presets.view_mask_ratios(config))]
-  ids = [None if m is None else m.ids_keep for m in masks]
-  params = state['params']
-  square = lambda tree: sum(jnp.mean(jnp.square(x)) for x in jax.tree.leaves(tree))
-
-  def encode(p):
-    return [enc.apply({'params': p}, x, i) for x, i in zip(views, ids)]
-
-  tokens = jax.jit(encode)(params['encoder'])
-  feats = [models.pool(z, config.model.pool) for z in tokens]
-  fns = {'online_encoder': (jax.jit(jax.grad(lambda p: square(encode(p)))), (params['encoder'],))}
-  if 'ema_params' in state:
-    def momentum(ema, stats):
-      return [proj.apply({'params': ema['projector'], 'batch_stats': stats['projector']},
-                         models.pool(enc.apply({'params': ema['encoder']}, x), config.model.pool),
-                         mutable=['batch_stats'])[0] for x in views]
-    fns['momentum_encoder'] = (jax.jit(momentum), (state['ema_params'], state['ema_batch_stats']))
-  if dec is not None:
-    def decode(p, zs):
-      return square([dec.apply({'params': p}, z, m.ids_restore)
-                     for z, m in zip(zs, masks) if m is not None])
-    fns['decoder'] = (jax.jit(jax.grad(decode, argnums=(0, 1))), (params['decoder'], tokens))
-  if proj is not None:
-    def heads(p, stats, fs):
-      out = []
-      for f in fs:
-        h, _ = proj.apply({'params': p['projector'], 'batch_stats': stats['projector']}, f,
-                          mutable=['batch_stats'])
-        out.append(pred.apply({'params': p['predictor'], 'batch_stats': stats['predictor']}, h,
-                              mutable=['batch_stats'])[0])
-      return square(out)
-    head_params = {k: params[k] for k in ('projector', 'predictor')}
-    fns['heads'] = (jax.jit(jax.grad(heads, argnums=(0, 2))),
-                    (head_params, state['batch_stats'], feats))
-  return fns
-
-
-def time_parts(config, modules, state, batch, repeats: int) -> dict[str, Timing]:
-  return {name: median_timing(fn, *args, repeats=repeats)
-          for name, (fn, args) in part_functions(config, modules, state, batch).items()}
 
 
 # --------------------------------------------------------------------------------------- report
@@ -316,7 +164,7 @@ def print_table(r: dict) -> None:
               'step)'),
       ('peak memory', f'{r["peak_memory_bytes"] / 2**20:,.0f} MiB ({r["peak_memory_kind"]})'),
   ]
-  for name in PARTS:
+  for name in step_parts.PARTS:
     share = r['breakdown'][name]
     if share:
       extra = ''
@@ -348,7 +196,7 @@ def main(argv):
 
   parts = {}
   if _PARTS.value:  # before the timed steps, while `state` is not yet donated
-    parts = time_parts(config, built.modules, state, first, repeats=5)
+    parts = step_parts.time_parts(config, built.modules, state, first, repeats=5)
 
   n = _PEAK_SIZE.value or (2048 if device.platform == 'cpu' else 8192)
   probe = matmul_probe(device, n)
@@ -381,7 +229,7 @@ def main(argv):
       mfu=round(total / step_s / peak['peak_flops'], 4),
       mfu_vs_measured_matmul=round(total / step_s / peak['measured_matmul_flops'], 4),
       mfu_best_step=round(total / min(walls) / peak['peak_flops'], 4),
-      breakdown={k: round(analytic[k] / total, 4) for k in PARTS},
+      breakdown={k: round(analytic[k] / total, 4) for k in step_parts.PARTS},
       part_ms={k: round(1e3 * t.wall, 2) for k, t in parts.items()},
       part_cpu_s={k: round(t.cpu, 3) for k, t in parts.items()},
       peak_memory_bytes=memory,

@@ -1,0 +1,48 @@
+"""The comparison table: mean ± std over seeds and the verdict against twice the larger std."""
+
+import pytest
+
+from macrl_jax import comparison
+
+
+def row(method, linear, budget='epochs', trial=None):
+  r = {'trial': trial or method, 'method': method, 'budget': budget, 'overrides': {}, 'steps': 10,
+       'linear_top1_per_seed': linear, 'knn_top1_per_seed': [0.1] * len(linear)}
+  comparison.summarize(r)
+  return r
+
+
+def results(rows):
+  return {'rows': rows, 'protocol': 'final', 'eval_split': 'validation', 'reference': 'macrl',
+          'budget': '10 steps', 'seeds': [0, 1, 2], 'command': 'python tools/ablate.py ...'}
+
+
+def test_summarize_keeps_the_seeds_and_adds_mean_and_population_std():
+  r = row('macrl', [0.40, 0.42, 0.44])
+  assert r['linear_top1'] == pytest.approx(0.42)
+  assert r['linear_top1_std'] == pytest.approx((0.0008 / 3) ** 0.5)
+  assert r['linear_top1_per_seed'] == [0.40, 0.42, 0.44]
+  assert row('mae', [0.3])['linear_top1_std'] is None  # one seed: no spread
+
+
+@pytest.mark.parametrize('macrl, verdict', [
+    ([0.50, 0.51, 0.52], 'macrl ahead'),
+    ([0.41, 0.42, 0.43], 'a tie'),
+    ([0.30, 0.31, 0.32], 'macrl behind'),
+])
+def test_the_verdict_compares_the_gap_with_twice_the_larger_std(macrl, verdict):
+  rows = {'macrl': row('macrl', macrl), 'mae': row('mae', [0.38, 0.40, 0.42]),
+          'mocov3': row('mocov3', [0.35, 0.35, 0.35])}
+  lines = comparison.summary_lines(results(rows))
+  line = next(l for l in lines if l.startswith('macrl − mae'))
+  assert line.endswith(verdict + '.')
+
+
+def test_the_time_budget_compares_against_the_reference_epochs_run():
+  rows = {'macrl': row('macrl', [0.50, 0.50, 0.50]),
+          'mae (equal time)': row('mae', [0.45, 0.46, 0.47], budget='time', trial='mae')}
+  lines = comparison.summary_lines(results(rows))
+  time_line = next(l for l in lines if 'time budget' in l)
+  assert 'macrl: macrl (50.0)' in time_line and 'mae: mae (46.0)' in time_line
+  table = comparison.render(results(rows))
+  assert '| mae | mae | – | time | 10 |' in table and 'macrl ahead' in table
