@@ -8,8 +8,13 @@ on 32 px images, batch 128, on a 2-core CPU.
       --config.manual_dir=../shared/data/tiny-imagenet-10 --out=results/tiny_imagenet_10 ...
 The manual dir is a folder in Tiny ImageNet's official layout (wnids.txt, train/, val/) holding
 these 10 classes. Each method's hyperparameters (METHOD_TUNED below) were chosen on the held-out
-selection split (`data.holdout_fraction`), never on the validation split; expected results and
-times are in the README's "Results".
+selection split (`data.holdout_fraction`), never on the validation split.
+
+Expected on the 500 validation images (the README's "Results", from
+results/tiny_imagenet_10/final/results.json): linear probe about 39 % for macrl, 40 % for mocov3,
+36 % for mae, 30-37 % for the randomly initialised encoder (it varies with the seed), 31 % for raw
+pixels. Time on a quiet 2-core CPU: a compiled step takes 0.63 s (macrl), 0.62 s (mocov3), 0.20 s
+(mae), so 600 steps are about 6.5, 6 and 2 minutes, plus about a minute of compiling and probing.
 """
 
 from macrl_jax import presets
