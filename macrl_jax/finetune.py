@@ -119,7 +119,7 @@ def init_state(ft: Finetuning, restored: Restored, args):
   """The pre-trained encoder with a fresh head, or everything fresh with from_scratch."""
   size = restored.config.image_size
   init_rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), 1)
-  params = ft.model.init(init_rng, jnp.zeros((1, size, size, 3)))['params']
+  params = jax.jit(ft.model.init)(init_rng, jnp.zeros((1, size, size, 3)))['params']  # not op by op
   if not args.from_scratch:
     params = dict(params, encoder=restored.encoder_params)
   params = jax.device_put(params, ft.shardings['params'])

@@ -99,6 +99,10 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
+# The two-process test's config (tests/multihost_driver.py), and its one-process reference.
+MULTIHOST = {'total_steps': 4, 'queue_size': 128, 'sharding.fsdp': True}
+
+
 def digits_config(data_dir: str, method: str = 'macrl', **overrides):
   """tiny_config on the real digits data, with the program's fields set for short runs."""
   c = tiny_config(method, dataset='digits', data_dir=data_dir, num_classes=10, batch_size=32,

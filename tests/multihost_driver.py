@@ -3,11 +3,12 @@
   python tests/multihost_driver.py PORT PROCESS_ID OUT_DIR DIGITS_DATA_DIR
 
 Each process has 2 CPU devices; jax.distributed joins them over 127.0.0.1 with gloo collectives.
-Phase 1: three steps of a tiny config on a fixed global batch assembled from the process-local
-halves; writes its params and losses to OUT_DIR/process<i>.npz and saves a collective checkpoint.
-Phase 2: train.train_and_evaluate on digits for a few steps with sharding.fsdp (per-process data
-shards, parameters split across the processes, kNN and reconstruction pictures, process-0-only logs,
-collective checkpoints).
+Both phases use helpers.MULTIHOST's config (with sharding.fsdp: parameters split across the
+processes), so the second reuses the programs the first compiled.
+Phase 1: three steps on a fixed global batch assembled from the process-local halves; writes the
+gathered params and losses to OUT_DIR/process<i>.npz and saves a collective checkpoint.
+Phase 2: train.train_and_evaluate on digits (per-process data shards, kNN and reconstruction
+pictures, process-0-only logs, collective checkpoints).
 """
 
 import os
@@ -20,11 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from helpers import digits_config, fixed_batch, tiny_config  # noqa: E402
+from helpers import MULTIHOST, digits_config, fixed_batch  # noqa: E402
 
 
-def replicated_value(x):
-  return np.asarray(x.addressable_data(0))
 
 
 def main(port, process_id, out_dir, data_dir):
@@ -37,8 +36,7 @@ def main(port, process_id, out_dir, data_dir):
   multihost_utils.sync_global_devices('gloo warm-up')
 
   from macrl_jax import build, checkpoint, sharding, train
-  config = tiny_config('macrl', batch_size=8, queue_size=32)
-  config.optim.base_lr = 1e-3
+  config = digits_config(data_dir, **MULTIHOST)
   mesh = sharding.make_mesh()
   built = build.build(config, mesh)
   state = built.init_state()
@@ -53,9 +51,9 @@ def main(port, process_id, out_dir, data_dir):
   losses = []
   for _ in range(3):
     state, metrics = step(state, batch)
-    losses.append(float(replicated_value(metrics['loss'])))
-  flat = {jax.tree_util.keystr(p): replicated_value(x)
-          for p, x in jax.tree_util.tree_leaves_with_path(state)}
+    losses.append(float(np.asarray(metrics['loss'].addressable_data(0))))
+  flat = {jax.tree_util.keystr(p): x
+          for p, x in jax.tree_util.tree_leaves_with_path(sharding.to_host(state))}
   np.savez(os.path.join(out_dir, f'process{process_id}.npz'), losses=np.array(losses), **flat)
   mngr = checkpoint.manager(os.path.join(out_dir, 'step_workdir'))
   checkpoint.save(mngr, 3, state, {})
@@ -64,8 +62,7 @@ def main(port, process_id, out_dir, data_dir):
 
   # With fsdp no process holds whole parameters: the kNN eval, the reconstruction pictures and the
   # checkpoints must gather or save them collectively.
-  result = train.train_and_evaluate(digits_config(data_dir, total_steps=4, **{'sharding.fsdp': True}),
-                                    os.path.join(out_dir, 'train_workdir'))
+  result = train.train_and_evaluate(config, os.path.join(out_dir, 'train_workdir'))
   print(f'process {process_id} done: {result}', flush=True)
 
 

@@ -120,14 +120,24 @@ def make_mocov3_file(path, config, seed=0):
   return encoders[0], encoders[1], predictor
 
 
+def init_variables(modules, config, rng):
+  """models.init_variables as one compiled program (op by op it compiles hundreds)."""
+  return jax.jit(lambda r: models.init_variables(modules, config, r))(rng)
+
+
+def encoder_features(encoder, params, x, pool='cls'):
+  return np.asarray(jax.jit(lambda p, x: models.pool(encoder.apply({'params': p}, x), pool))(
+      params, x))
+
+
 def jax_features(config, variables, x, pool):
-  enc = models.make_modules(config).encoder
-  return np.asarray(models.pool(enc.apply({'params': variables['params']['encoder']}, x), pool))
+  return encoder_features(models.make_modules(config).encoder, variables['params']['encoder'], x,
+                          pool)
 
 
 def jax_head(head, variables, name, x):
-  return np.asarray(head.apply({'params': variables['params'][name],
-                                'batch_stats': variables['batch_stats'][name]}, x, train=False))
+  return np.asarray(jax.jit(lambda v, x: head.apply(v, x, train=False))(
+      {'params': variables['params'][name], 'batch_stats': variables['batch_stats'][name]}, x))
 
 
 def max_diff(a, b):
@@ -139,7 +149,7 @@ def max_diff(a, b):
 def test_exported_encoder_in_timm_gives_the_same_features(pool, tmp_path):
   config = config_for('macrl', **{'model.pool': pool})
   modules = models.make_modules(config)
-  variables = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)))
+  variables = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)))
   dims = models.vit_dims(config.model)
   path = str(tmp_path / 'enc.safetensors')
   interop_files.write_safetensors(path, interop.encoder_to_timm(variables['params']['encoder'],
@@ -167,7 +177,7 @@ def test_exported_encoder_in_timm_gives_the_same_features(pool, tmp_path):
 def test_export_and_import_of_scanned_blocks_is_exact():
   config = config_for('macrl', **{'model.scan': True})
   modules = models.make_modules(config)
-  variables = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(1)))
+  variables = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(1)))
   enc = variables['params']['encoder']
   sd = interop.encoder_to_timm(enc, models.vit_dims(config.model), config.image_size)
   assert 'blocks.1.attn.qkv.weight' in sd and 'blocks.2.attn.qkv.weight' not in sd
@@ -209,8 +219,8 @@ def test_mocov3_file_imports_with_the_same_outputs(tmp_path):
 def test_mocov3_export_import_is_exact(tmp_path):
   config = config_for('mocov3')
   modules = models.make_modules(config)
-  online = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
-  momentum = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 1)
+  online = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 0)
+  momentum = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 1)
   path = str(tmp_path / 'ours.pth.tar')
   sd = interop_state_dicts.mocov3_state_dict(online, momentum, config)
   interop_files.write_torch(path, {'state_dict': sd})
@@ -269,9 +279,10 @@ def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
       y = blk(y)
     pred = decoder['decoder_pred'](decoder['decoder_norm'](y))[:, 1:]
   modules = models.make_modules(config)
-  ours_latent = modules.encoder.apply({'params': variables['params']['encoder']}, x, ids_keep)
-  ours_pred = modules.decoder.apply({'params': variables['params']['decoder']}, ours_latent,
-                                    ids_restore)
+  ours_latent = jax.jit(modules.encoder.apply)({'params': variables['params']['encoder']}, x,
+                                               ids_keep)
+  ours_pred = jax.jit(modules.decoder.apply)({'params': variables['params']['decoder']},
+                                             ours_latent, ids_restore)
   d_enc, d_dec = max_diff(ours_latent, latent.numpy()), max_diff(ours_pred, pred.numpy())
   print(f'mae: encoder tokens {d_enc:.2e} decoder predictions {d_dec:.2e}')
   assert d_enc <= TOL and d_dec <= TOL
@@ -281,7 +292,7 @@ def test_mae_export_import_is_exact(tmp_path):
   """Our encoder and decoder written in MAE's layout (tools/export.py --decoder) read back exactly."""
   config = config_for('mae')
   modules = models.make_modules(config)
-  want = randomize_jax(models.init_variables(modules, config, jax.random.PRNGKey(0)), 0)
+  want = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 0)
   dims = models.vit_dims(config.model)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
@@ -370,14 +381,14 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
   model = scope['model'].eval()
   restored = workdir.load_workdir(mocov3_workdir, params='momentum')
   x = images(restored.config)
-  ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
+  ours = encoder_features(restored.modules.encoder, restored.encoder_params, x)
   with torch.no_grad():
     assert max_diff(ours, model(to_torch(x)).numpy()) <= TOL
 
 
 def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
   from macrl_jax import workdir
-  config = digits_config(digits_dir, 'mimco', total_steps=2, checkpoint_every_steps=2)
+  config = digits_config(digits_dir, 'mimco', total_steps=4, checkpoint_every_steps=2)
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
   config.teacher.checkpoint = path
@@ -430,7 +441,7 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
   feats = np.load(out)['features']
   restored = workdir.load_init_file(mocov3_workdir, path)
   x = images(config)
-  ours = models.pool(restored.modules.encoder.apply({'params': restored.encoder_params}, x), 'cls')
+  ours = encoder_features(restored.modules.encoder, restored.encoder_params, x)
   perm = np.concatenate([np.arange(32, 64), np.arange(32)])
   with torch.no_grad():
     theirs = online.forward_head(online.forward_features(to_torch(x)), pre_logits=True).numpy()

@@ -84,7 +84,7 @@ def _encoder_flops(encoder, params, images, ratio):
 def test_encoder_flops_fall_with_mask_ratio():
   encoder = models.Encoder(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256)
   images = jnp.zeros((4, 32, 32, 3))
-  params = encoder.init(jax.random.PRNGKey(0), images)['params']
+  params = jax.jit(encoder.init)(jax.random.PRNGKey(0), images)['params']
   full, masked = (_encoder_flops(encoder, params, images, r) for r in (0.0, 0.75))
   assert masked <= 0.35 * full, (masked, full, masked / full)
 
@@ -92,14 +92,15 @@ def test_encoder_flops_fall_with_mask_ratio():
 def test_encoder_and_decoder_shapes(make_config):
   c = make_config('macrl')
   mods = models.make_modules(c)
-  variables = models.init_variables(mods, c, jax.random.PRNGKey(0))
+  variables = jax.eval_shape(lambda: models.init_variables(mods, c, jax.random.PRNGKey(0)))
   x = jnp.ones((2, 16, 16, 3))
   m = models.random_masking(jax.random.PRNGKey(1), 2, 16, 0.75)
-  z = mods.encoder.apply({'params': variables['params']['encoder']}, x, m.ids_keep)
+  z = jax.eval_shape(mods.encoder.apply, {'params': variables['params']['encoder']}, x, m.ids_keep)
   assert z.shape == (2, 1 + 4, 64)
-  recon = mods.decoder.apply({'params': variables['params']['decoder']}, z, m.ids_restore)
+  recon = jax.eval_shape(mods.decoder.apply, {'params': variables['params']['decoder']}, z,
+                         m.ids_restore)
   assert recon.shape == (2, 16, 4 * 4 * 3)
-  assert models.pool(z, 'mean').shape == (2, 64)
+  assert jax.eval_shape(lambda t: models.pool(t, 'mean'), z).shape == (2, 64)
 
 
 def test_modules_per_method(make_config):
@@ -122,13 +123,13 @@ def test_scanned_blocks_compute_the_same_as_the_loop(remat):
   kw = dict(patch_size=4, width=32, depth=3, num_heads=2, mlp_dim=64, drop_path=0.2, remat=remat)
   loop, scanned = models.Encoder(**kw), models.Encoder(**kw, scan=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
-  params = loop.init(jax.random.PRNGKey(1), x)['params']
-  stacked = scanned.init(jax.random.PRNGKey(1), x)['params']
+  params = jax.jit(loop.init)(jax.random.PRNGKey(1), x)['params']
+  stacked = jax.eval_shape(scanned.init, jax.random.PRNGKey(1), x)['params']
   assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, stack_blocks(params))
   assert stacked['transformer']['blocks']['mlp_in']['kernel'].shape == (3, 32, 64)
   ids = models.random_masking(jax.random.PRNGKey(2), 4, 16, 0.5).ids_keep
-  np.testing.assert_allclose(scanned.apply({'params': stack_blocks(params)}, x, ids),
-                             loop.apply({'params': params}, x, ids), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(scanned.apply)({'params': stack_blocks(params)}, x, ids),
+                             jax.jit(loop.apply)({'params': params}, x, ids), atol=1e-5)
 
 
 def test_scanned_drop_path_increases_per_layer():
@@ -136,13 +137,14 @@ def test_scanned_drop_path_increases_per_layer():
   enc = models.Encoder(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, drop_path=0.5,
                        scan=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 3))
-  params = enc.init(jax.random.PRNGKey(1), x)['params']
+  params = jax.jit(enc.init)(jax.random.PRNGKey(1), x)['params']
   last_off = lambda p: jax.tree.map(lambda w: w.at[-1].set(0.0), p)  # the last block's entry zeroed
   blocks = params['transformer']['blocks']
   no_attn = dict(blocks, attn=dict(blocks['attn'], out=last_off(blocks['attn']['out'])))
   no_branch = dict(no_attn, mlp_out=last_off(blocks['mlp_out']))
   with_blocks = lambda b: dict(params, transformer=dict(params['transformer'], blocks=b))
-  run = lambda b, **kw: np.asarray(enc.apply({'params': with_blocks(b)}, x, **kw))
+  apply = jax.jit(enc.apply, static_argnames='train')
+  run = lambda b, **kw: np.asarray(apply({'params': with_blocks(b)}, x, **kw))
   rngs = {'dropout': jax.random.PRNGKey(3)}
   # Only block 0's branches left: training equals evaluation, so block 0 never drops.
   np.testing.assert_allclose(run(no_branch, train=True, rngs=rngs), run(no_branch), atol=1e-5)

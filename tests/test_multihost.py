@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from helpers import REPO, fixed_batch, tiny_config, without_gradient_free
+from helpers import MULTIHOST, REPO, digits_config, fixed_batch, without_gradient_free
 from macrl_jax import build, checkpoint, sharding
 
 
@@ -48,8 +48,7 @@ def test_two_processes_train_like_one(digits_dir, tmp_path):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
   # And equal the one-process step on the whole batch (4 devices of this process).
-  config = tiny_config('macrl', batch_size=8, queue_size=32)
-  config.optim.base_lr = 1e-3
+  config = digits_config(digits_dir, **MULTIHOST)
   mesh = sharding.make_mesh(jax.devices()[:4])
   built = build.build(config, mesh)
   state = built.init_state()

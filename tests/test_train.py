@@ -140,24 +140,24 @@ def test_half_written_checkpoint_is_skipped_and_training_resumes(digits_dir, tmp
   # A crash during the save of step 4: its array data is gone. And one that died before renaming.
   for f in glob.glob(str(ckpts / '4' / 'state' / 'd' / '*')):
     os.remove(f)
-  os.makedirs(ckpts / '6.orbax-checkpoint-tmp-1234' / 'state')
+  os.makedirs(ckpts / '8.orbax-checkpoint-tmp-1234' / 'state')
 
   with caplog.at_level(logging.WARNING):
-    result = train.train_and_evaluate(digits_config(digits_dir, total_steps=6), workdir)
-  assert result['step'] == 6
+    result = train.train_and_evaluate(digits_config(digits_dir, total_steps=8), workdir)
+  assert result['step'] == 8
   assert 'Checkpoint step 4 cannot be read' in caplog.text
   steps_logged = [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')]
-  assert steps_logged == [2, 4, 6], steps_logged  # step 4 logged again, once, after step 2
+  assert steps_logged == [2, 4, 6, 8], steps_logged  # step 4 logged again, once, after step 2
   moved = glob.glob(str(tmp_path / 'wd' / 'checkpoints_unreadable' / '4-*'))
   assert moved, 'the unreadable checkpoint is kept aside, not deleted'
-  assert 6 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
+  assert 8 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
 
 
 def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=2), workdir)
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
   before = tree_digest(workdir)
-  wider = digits_config(digits_dir, total_steps=4, **{'model.width': 128, 'model.mlp_dim': 128})
+  wider = digits_config(digits_dir, total_steps=8, **{'model.width': 128, 'model.mlp_dim': 128})
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
     train.train_and_evaluate(wider, workdir)
   message = str(e.value)
@@ -168,9 +168,9 @@ def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_pa
 
 def test_no_checkpoint_at_a_step_lists_the_available_ones(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
-  config = digits_config(digits_dir, total_steps=2)
+  config = digits_config(digits_dir, total_steps=4)
   train.train_and_evaluate(config, workdir)
-  with pytest.raises(FileNotFoundError, match=r'available steps: \[2\]'):
+  with pytest.raises(FileNotFoundError, match=r'available steps: \[2, 4\]'):
     restore_params(config, workdir, step=7)
 
 
@@ -195,7 +195,7 @@ def test_non_finite_step_is_refused_and_stops_before_any_eval(digits_dir, tmp_pa
 
 
 def test_non_finite_without_any_checkpoint_says_so(digits_dir, tmp_path):
-  poisoned = digits_config(digits_dir, total_steps=4, log_every_steps=4,
+  poisoned = digits_config(digits_dir, total_steps=8, log_every_steps=4,
                            **{'optim.base_lr': 1e30})
   with pytest.raises(loop.NonFiniteLossError, match='there is no checkpoint to go back to'):
     train.train_and_evaluate(poisoned, str(tmp_path / 'wd'))
