@@ -53,8 +53,7 @@ def test_fsdp_shards_params_and_optimizer_state():
 
 
 def test_momentum_update_is_ema_of_updated_online():
-  config = tiny_config('macrl', momentum_base=0.9)
-  config.optim.base_lr = 1e-2
+  config = tiny_config('macrl')  # the program of test_scanned_blocks_give_the_same_step (scan off)
   mesh = sharding.make_mesh(jax.devices()[:1])
   built = build.build(config, mesh)
   state = built.init_state()
@@ -63,7 +62,8 @@ def test_momentum_update_is_ema_of_updated_online():
   new, metrics = built.step(state, sharding.make_global_batch(fixed_batch(config, 1), mesh))
   new = jax.device_get(new)
   m = float(metrics['momentum'])
-  np.testing.assert_allclose(m, train_step.momentum_at(1, config.total_steps, 0.9), rtol=1e-6)
+  np.testing.assert_allclose(m, train_step.momentum_at(1, config.total_steps, config.momentum_base),
+                             rtol=1e-6)
   for name in ('encoder', 'projector'):
     expected = jax.tree.map(lambda e, o: m * e + (1 - m) * o, old['ema_params'][name], new['params'][name])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
