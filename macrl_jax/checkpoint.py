@@ -13,6 +13,7 @@ its step can be saved again; the evaluation tools only skip it, they never chang
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -56,13 +57,15 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True,
                                options=options, item_handlers=handlers)
 
 
+@functools.cache
 def _write_each_array_once_on_cpu() -> None:
   """On CPU devices, each replicated array is written from one device, not sliced over all.
 
   Orbax splits the writing of a replicated array across its replicas (faster when each device has
   its own link to the host). Host CPU devices share one memory, so the split only adds a compiled
   slice per array and device (seconds on the first save of a run with several CPU devices). Orbax
-  makes the same choice for GPUs.
+  makes the same choice for GPUs. StandardCheckpointHandler takes no handler registry of its own,
+  so this sets Orbax's global one, once per process.
   """
   if jax.devices()[0].platform == 'cpu':
     ocp.type_handlers.register_type_handler(
