@@ -61,6 +61,11 @@ UNIT_FILES = {'test_comparison.py', 'test_flops.py', 'test_imports.py', 'test_lo
               'test_prefetch.py', 'test_train_step.py', 'test_input_pipeline.py'}
 
 
+# Module-scoped runs that several tests of their module share. With `-n 2 --dist loadgroup` the
+# tests that use one go to the same worker, so that each run is made once, not once per worker.
+SHARED_RUNS = {'macrl_run', 'mae_run', 'teacher_dir', 'mocov3_workdir'}
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: runs the real default command (minutes)')
   config.addinivalue_line('markers', 'unit: in-process, small arrays (seconds)')
@@ -73,3 +78,5 @@ def pytest_collection_modifyitems(config, items):
     if item.get_closest_marker('slow') is None:
       unit = item.path.name in UNIT_FILES
       item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
+    if SHARED_RUNS & set(item.fixturenames):
+      item.add_marker(pytest.mark.xdist_group(item.path.name))

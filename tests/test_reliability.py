@@ -140,14 +140,14 @@ def test_second_training_in_a_workdir_is_refused_and_a_stale_lock_taken_over(dig
     (workdir / 'lock').write_text(json.dumps({'pid': holder.pid, 'host': socket.gethostname()}))
     with pytest.raises(errors.UserError, match=f'workdir {workdir} in use by process '
                        f'{holder.pid} on {socket.gethostname()}'):
-      train.train_and_evaluate(digits_config(digits_dir, total_steps=4), str(workdir))
+      train.train_and_evaluate(digits_config(digits_dir), str(workdir))
     assert not (workdir / 'checkpoints' / '2').exists()
   finally:
     holder.kill()
     holder.wait()
   # The holder is gone: its lock is stale, and is taken over (then released at the end).
-  result = train.train_and_evaluate(digits_config(digits_dir, total_steps=4), str(workdir))
-  assert result['step'] == 4
+  result = train.train_and_evaluate(digits_config(digits_dir), str(workdir))
+  assert result['step'] == 8
   assert not (workdir / 'lock').exists()
 
 
@@ -207,21 +207,20 @@ def test_tools_never_change_a_workdir_and_name_an_unreadable_step(digits_dir, tm
   import glob
   from macrl_jax import checkpoint, train, workdir
   wd = tmp_path / 'wd'
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=4, checkpoint_every_steps=4),
-                           str(wd))
-  for f in glob.glob(str(wd / 'checkpoints' / '4' / 'state' / 'd' / '*')):
+  train.train_and_evaluate(digits_config(digits_dir, checkpoint_every_steps=8), str(wd))
+  for f in glob.glob(str(wd / 'checkpoints' / '8' / 'state' / 'd' / '*')):
     os.remove(f)  # torn: its array data is gone
   with pytest.raises(workdir.WorkdirError, match='no readable checkpoint'):
     workdir.load_workdir(str(wd))
   with pytest.raises(checkpoint.UnreadableCheckpointError) as e:
-    workdir.load_workdir(str(wd), step=4)
-  assert str(e.value).startswith('checkpoint step 4 is unreadable (') and '\n' not in str(e.value)
+    workdir.load_workdir(str(wd), step=8)
+  assert str(e.value).startswith('checkpoint step 8 is unreadable (') and '\n' not in str(e.value)
   # The command line prints that line alone.
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'linear_probe.py'),
-                         f'--workdir={wd}', '--step=4'], capture_output=True, text=True,
+                         f'--workdir={wd}', '--step=8'], capture_output=True, text=True,
                         timeout=300)
-  assert one_error_line(proc).startswith('error: checkpoint step 4 is unreadable (')
-  assert (wd / 'checkpoints' / '4').is_dir()
+  assert one_error_line(proc).startswith('error: checkpoint step 8 is unreadable (')
+  assert (wd / 'checkpoints' / '8').is_dir()
   assert not (wd / 'checkpoints_unreadable').exists()
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, SHARED_DATA, digits_config, load_config, override
+from helpers import (REPO, SHARED_DATA, digits_config, load_config, override,
+                     run_tool_in_process as tool)
 from macrl_jax import (accuracy, checkpoint, classifier, features, finetune, input_pipeline, knn,
                        mixup, probe, train, workdir)
 
@@ -250,12 +251,13 @@ def test_finetune_resumes_to_the_same_state(macrl_run):
 
 # ----------------------------------------------------------------------------------- the tools
 def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
-  """The command lines, in the order a user would run them, and what each writes."""
+  """The command lines, in the order a user would run them, and what each writes (the first as a
+  real process, the others in this one)."""
   wd = macrl_run['workdir']
   common = [f'--workdir={wd}', f'--data_dir={digits_dir}']
   evaldir = os.path.join(wd, 'eval')
 
-  out = check_ok(run_tool('extract_features', *common, '--split=test'))
+  out = check_ok(run_tool('extract_features', *common, '--split=test'))  # a real process
   assert '360 features of dimension 64' in out
   extracted = read_json(os.path.join(evaldir, 'extract_features.json'))
   assert extracted['step'] == 40 and extracted['num_examples'] == 360
@@ -268,40 +270,40 @@ def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
   np.testing.assert_array_equal(labels, batch['label'])
 
   # kNN on the same protocol as the pre-training monitor gives the monitor's figure.
-  check_ok(run_tool('knn_eval', *common))
+  tool('knn_eval', *common)
   knn_result = read_json(os.path.join(evaldir, 'knn.json'))
   assert knn_result['top1'] == pytest.approx(macrl_run['knn_top1'], abs=1e-6)
   assert knn_result['step'] == 40 and knn_result['top5'] >= knn_result['top1']
   assert os.path.exists(os.path.join(evaldir, 'features', 'train_cls_online_step40.npz'))
 
   # ... and from the .npz files of extract_features.py.
-  check_ok(run_tool('extract_features', *common, '--split=train', '--out=' + str(
-      os.path.join(evaldir, 'train.npz'))))
-  check_ok(run_tool('knn_eval', '--train_features=' + os.path.join(evaldir, 'train.npz'),
-                    '--test_features=' + extracted['out'], f'--workdir={wd}'))
+  tool('extract_features', *common, '--split=train', '--out=' + str(
+      os.path.join(evaldir, 'train.npz')))
+  tool('knn_eval', '--train_features=' + os.path.join(evaldir, 'train.npz'),
+       '--test_features=' + extracted['out'], f'--workdir={wd}')
   assert read_json(os.path.join(evaldir, 'knn.json'))['top1'] == knn_result['top1']
 
-  out = check_ok(run_tool('linear_probe', *common, '--seeds=2', '--epochs=30', '--step=20'))
+  out = tool('linear_probe', *common, '--seeds=2', '--epochs=30', '--step=20')
   assert 'Linear probe (2 seeds, step 20): top-1' in out
   lp = read_json(os.path.join(evaldir, 'linear_probe.json'))
   assert lp['step'] == 20 and len(lp['runs']) == 2 and lp['top1'] > 0.3
   assert lp['command'].startswith('tools/linear_probe.py --workdir=')
-  check_ok(run_tool('linear_probe', *common, '--shots=5', '--seeds=2', '--epochs=30'))
+  tool('linear_probe', *common, '--shots=5', '--seeds=2', '--epochs=30')
   few = read_json(os.path.join(evaldir, 'linear_probe_5shot.json'))
   assert [r['train_examples'] for r in few['runs']] == [50, 50]
 
-  out = check_ok(run_tool('visualize', *common, '--num=4'))
+  out = tool('visualize', *common, '--num=4')
   vis = read_json(os.path.join(evaldir, 'visualize.json'))
   assert sorted(vis['branches']) == ['view1', 'view2']
   png = vis['branches']['view1']['png']
   picture = np.asarray(Image.open(png))
   assert picture.shape == (4 * 16 * 4, 4 * 16 * 4, 3)  # 4 rows × 4 panels of 16 px, shown ×4
 
-  out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64'))
+  out = tool('finetune', *common, '--epochs=0.1', '--batch_size=64')
   ft = read_json(os.path.join(evaldir, 'finetune.json'))
   assert ft['step'] == ft['total_steps'] == 2 and ft['pretrain_step'] == 40 and 'top1' in ft
   assert os.path.isdir(os.path.join(wd, 'finetune', 'checkpoints', '2'))
-  out = check_ok(run_tool('finetune', *common, '--epochs=0.1', '--batch_size=64', '--from_scratch'))
+  out = tool('finetune', *common, '--epochs=0.1', '--batch_size=64', '--from_scratch')
   scratch = read_json(os.path.join(evaldir, 'finetune_scratch.json'))
   assert scratch['args']['layer_decay'] == 1.0 and scratch['args']['from_scratch']
 
@@ -318,7 +320,7 @@ def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digit
                                          checkpoint_every_steps=200, eval_every_steps=200), trained)
   mse = {}
   for name, wd in (('trained', trained), ('untrained', mae_run)):  # 200 steps vs 2
-    check_ok(run_tool('visualize', f'--workdir={wd}', '--num=16'))
+    tool('visualize', f'--workdir={wd}', '--num=16')
     branch = read_json(os.path.join(wd, 'eval', 'visualize.json'))['branches']['view1']
     mse[name] = png_panel_mse(branch['png'])
     assert branch['mse_masked'] == pytest.approx(mse[name][0], rel=1e-6)
@@ -402,10 +404,10 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
           'model.decoder_depth': 1, 'model.proj_hidden': 64, 'model.pred_hidden': 64,
           'model.proj_dim': 32, 'optim.warmup_steps': 2, 'log_every_steps': 2,
           'eval_every_steps': 1000, 'checkpoint_every_steps': 4, 'data_dir': digits_dir}
-  args = ['--config=configs/digits.py', *[f'--config.{k}={v}' for k, v in tiny.items()],
-          f'--out={out}', f'--trials={trials}', '--runs=mimco,mae', '--protocol=selection',
-          '--seeds=0,1', '--probe_epochs=2']
-  check_ok(run_tool('ablate', *args))
+  args = [f'--config={REPO / "configs" / "digits.py"}',
+          *[f'--config.{k}={v}' for k, v in tiny.items()], f'--out={out}', f'--trials={trials}',
+          '--runs=mimco,mae', '--protocol=selection', '--seeds=0,1', '--probe_epochs=2']
+  tool('ablate', *args)
   results = read_json(out / 'results.json')
   rows = results['rows']
   assert list(rows) == ['pixels', 'random init', 'qm', 'mimco', 'mae'], list(rows)
@@ -426,13 +428,13 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert '| qm | macrl | key_mask=same, lambda_con=0.5 | epochs | 4 |' in table, table
 
   logs = {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
-  check_ok(run_tool('ablate', *args))  # everything finished: nothing is trained or probed again
+  tool('ablate', *args)  # everything finished: nothing is trained or probed again
   assert read_json(out / 'results.json')['rows'] == rows
   assert logs == {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
 
   # Equal time: mae (cheaper per step than macrl) gets proportionally more steps.
-  check_ok(run_tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm',
-                    '--runs=qm,mae', '--timing_rounds=1', '--probe_epochs=2'))
+  tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm', '--runs=qm,mae',
+       '--timing_rounds=1', '--probe_epochs=2')
   results = read_json(out / 'results.json')
   t = results['step_seconds']
   assert t['mae'] < t['qm']

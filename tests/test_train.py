@@ -134,28 +134,29 @@ def tree_digest(path) -> str:
 
 def test_half_written_checkpoint_is_skipped_and_training_resumes(digits_dir, tmp_path, caplog):
   workdir = str(tmp_path / 'wd')
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
+  config = digits_config(digits_dir)  # 8 steps, a checkpoint every 2
+  train.train_and_evaluate(config, workdir)
   ckpts = tmp_path / 'wd' / 'checkpoints'
-  assert sorted(int(d) for d in os.listdir(ckpts)) == [2, 4]
-  # A crash during the save of step 4: its array data is gone. And one that died before renaming.
-  for f in glob.glob(str(ckpts / '4' / 'state' / 'd' / '*')):
+  assert sorted(int(d) for d in os.listdir(ckpts)) == [2, 4, 6, 8]
+  # A crash during the save of step 8: its array data is gone. And one that died before renaming.
+  for f in glob.glob(str(ckpts / '8' / 'state' / 'd' / '*')):
     os.remove(f)
-  os.makedirs(ckpts / '8.orbax-checkpoint-tmp-1234' / 'state')
+  os.makedirs(ckpts / '10.orbax-checkpoint-tmp-1234' / 'state')
 
   with caplog.at_level(logging.WARNING):
-    result = train.train_and_evaluate(digits_config(digits_dir, total_steps=8), workdir)
+    result = train.train_and_evaluate(config, workdir)  # the same command again
   assert result['step'] == 8
-  assert 'Checkpoint step 4 cannot be read' in caplog.text
+  assert 'Checkpoint step 8 cannot be read' in caplog.text
   steps_logged = [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')]
-  assert steps_logged == [2, 4, 6, 8], steps_logged  # step 4 logged again, once, after step 2
-  moved = glob.glob(str(tmp_path / 'wd' / 'checkpoints_unreadable' / '4-*'))
+  assert steps_logged == [2, 4, 6, 8], steps_logged  # step 8 logged again, once, after step 6
+  moved = glob.glob(str(tmp_path / 'wd' / 'checkpoints_unreadable' / '8-*'))
   assert moved, 'the unreadable checkpoint is kept aside, not deleted'
   assert 8 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
 
 
 def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
+  train.train_and_evaluate(digits_config(digits_dir), workdir)
   before = tree_digest(workdir)
   wider = digits_config(digits_dir, total_steps=8, **{'model.width': 128, 'model.mlp_dim': 128})
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
@@ -168,35 +169,40 @@ def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_pa
 
 def test_no_checkpoint_at_a_step_lists_the_available_ones(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
-  config = digits_config(digits_dir, total_steps=4)
+  config = digits_config(digits_dir)
   train.train_and_evaluate(config, workdir)
-  with pytest.raises(FileNotFoundError, match=r'available steps: \[2, 4\]'):
+  with pytest.raises(FileNotFoundError, match=r'available steps: \[2, 4, 6, 8\]'):
     restore_params(config, workdir, step=7)
+
+
+# A learning rate that overflows the parameters at the first step (one program for both tests).
+POISONED = {'total_steps': 48, 'log_every_steps': 4, 'optim.base_lr': 1e30}
 
 
 def test_non_finite_step_is_refused_and_stops_before_any_eval(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
-  train.train_and_evaluate(digits_config(digits_dir, total_steps=4), workdir)
+  # 40 steps: the program of test_tools.py's tiny run.
+  train.train_and_evaluate(digits_config(digits_dir, total_steps=40, checkpoint_every_steps=20),
+                           workdir)
   before = jax.device_get(restore_params(digits_config(digits_dir), workdir)[0]['params'])
   # A learning rate of 1e30 overflows the parameters at the first step: the step is refused on the
-  # device and found at the next log step (8), before the eval of that step.
-  poisoned = digits_config(digits_dir, total_steps=8, log_every_steps=4, eval_every_steps=8,
-                           **{'optim.base_lr': 1e30})
+  # device and found at the next log step (44), before the eval of that step.
+  poisoned = digits_config(digits_dir, **POISONED, eval_every_steps=44)
   with pytest.raises(loop.NonFiniteLossError) as e:
     train.train_and_evaluate(poisoned, workdir)
   message = str(e.value)
-  assert 'non-finite param_norm at step 5 (the step was not applied' in message, message
-  assert 'learning rate' in message and 'the last good checkpoint is step 4' in message
+  assert 'non-finite param_norm at step 41 (the step was not applied' in message, message
+  assert 'learning rate' in message and 'the last good checkpoint is step 40' in message
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'wd' / 'checkpoints') if d.isdigit())
-  assert steps == [2, 4], steps
-  assert [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')] == [2, 4]  # no eval
+  assert steps == [20, 40], steps
+  logged = [r['step'] for r in read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')]
+  assert logged == list(range(2, 41, 2)), logged  # nothing after step 40: no eval
   state, _ = restore_params(poisoned, workdir)
   jax.tree.map(np.testing.assert_array_equal, state['params'], before)
 
 
 def test_non_finite_without_any_checkpoint_says_so(digits_dir, tmp_path):
-  poisoned = digits_config(digits_dir, total_steps=8, log_every_steps=4,
-                           **{'optim.base_lr': 1e30})
+  poisoned = digits_config(digits_dir, **POISONED)
   with pytest.raises(loop.NonFiniteLossError, match='there is no checkpoint to go back to'):
     train.train_and_evaluate(poisoned, str(tmp_path / 'wd'))
 
