@@ -33,6 +33,16 @@ def tiny_config(method: str = 'macrl', **overrides):
   return override(c, overrides)
 
 
+def fitting_config(method: str = 'macrl', **overrides):
+  """tiny_config with a schedule that fits a fixed batch in 40 of its 60 steps (peak lr 1e-3 after 5
+  warm-up steps); the step-level tests that do not depend on the schedule use it too, to share its
+  compiled programs."""
+  config = tiny_config(method, total_steps=60)
+  config.optim.base_lr = 1e-3 * 256 / config.batch_size
+  config.optim.warmup_steps = 5
+  return override(config, overrides)
+
+
 def override(config, overrides: dict):
   """Sets dotted fields ('model.variant') as --config.FIELD=VALUE would. Returns config."""
   for key, value in overrides.items():

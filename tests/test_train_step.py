@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import fixed_batch, override, tiny_config, without_gradient_free
+from helpers import fitting_config, fixed_batch, override, tiny_config, without_gradient_free
 from macrl_jax import build, config_checks, methods, optim, presets, sharding, train_step
 
 
@@ -98,9 +98,7 @@ def test_momentum_schedule():
 
 @pytest.mark.parametrize('method', ['macrl', 'mae', 'mocov3'])
 def test_tiny_model_drives_loss_down_on_a_fixed_batch(method):
-  config = tiny_config(method, total_steps=60)
-  config.optim.base_lr = 1e-3 * 256 / config.batch_size  # peak lr 1e-3
-  config.optim.warmup_steps = 5
+  config = fitting_config(method)
   _, metrics = run_steps(config, jax.devices()[:1], num_steps=40)
   first = np.mean([m['loss'] for m in metrics[:3]])
   last = np.mean([m['loss'] for m in metrics[-3:]])
