@@ -74,12 +74,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  _quiet_libraries()
-  _init_distributed()
-  from macrl_jax import train
   config = FLAGS.config
   dataset = config.dataset.replace(':', '_').replace('/', '_')
   workdir = FLAGS.workdir or os.path.join('workdirs', f'{dataset}_{config.method}')
+  # A bad value or a workdir that is a file ends here, in a second: before TensorFlow loads and
+  # JAX starts its devices (train.py checks again, with the number of devices).
+  from macrl_jax import config_checks, workdir_setup
+  config_checks.validate(config)
+  workdir_setup.refuse_a_file(workdir)
+  _quiet_libraries()
+  _init_distributed()
+  from macrl_jax import train
   train.train_and_evaluate(config, workdir)
 
 

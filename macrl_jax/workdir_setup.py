@@ -14,10 +14,14 @@ import time
 from macrl_jax.errors import UserError
 
 
-def prepare(workdir: str) -> None:
-  """Creates the workdir and checks that checkpoints can be written, before any step is spent."""
+def refuse_a_file(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir} is a file, not a folder; pass another --workdir')
+
+
+def prepare(workdir: str) -> None:
+  """Creates the workdir and checks that checkpoints can be written, before any step is spent."""
+  refuse_a_file(workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   try:
     os.makedirs(ckpt_dir, exist_ok=True)

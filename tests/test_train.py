@@ -154,6 +154,33 @@ def test_half_written_checkpoint_is_skipped_and_training_resumes(digits_dir, tmp
   assert 8 in [int(d) for d in os.listdir(ckpts) if d.isdigit()]
 
 
+def test_a_save_on_cpu_devices_writes_each_array_from_one_device(tmp_path):
+  """Orbax's default splits the writing of a replicated array over its replicas, compiling a slice
+  program per array and device; on host CPU devices (one shared memory) one device writes it."""
+  mesh = sharding.make_mesh()
+  # Shapes no other test saves, so that no slice program of them is compiled already.
+  state = {name: jax.device_put(np.random.RandomState(i).randn(*shape).astype(np.float32),
+                                sharding.replicated(mesh))
+           for i, (name, shape) in enumerate({'a': (8, 24), 'b': (40,)}.items())}
+  traced = []
+  recording = [True]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, _, **kw: traced.append(name) if recording[0] and name.endswith(
+          'jaxpr_trace_duration') else None)
+  mngr = checkpoint.manager(str(tmp_path))
+  try:
+    checkpoint.save(mngr, 1, state, {})
+    mngr.wait_until_finished()
+  finally:
+    recording[0] = False
+  assert traced == [], f'the save compiled {len(traced)} programs'
+  restored, meta = checkpoint.restore_latest(mngr, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  mngr.close()
+  assert meta['step'] == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
 def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_path):
   workdir = str(tmp_path / 'wd')
   train.train_and_evaluate(digits_config(digits_dir), workdir)
