@@ -185,7 +185,7 @@ def test_checkpoint_of_another_model_fails_naming_both_shapes(digits_dir, tmp_pa
   workdir = str(tmp_path / 'wd')
   train.train_and_evaluate(digits_config(digits_dir), workdir)
   before = tree_digest(workdir)
-  wider = digits_config(digits_dir, total_steps=8, **{'model.width': 128, 'model.mlp_dim': 128})
+  wider = digits_config(digits_dir, **{'model.width': 128, 'model.mlp_dim': 128})
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
     train.train_and_evaluate(wider, workdir)
   message = str(e.value)
