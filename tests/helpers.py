@@ -9,6 +9,11 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 MAIN = str(REPO / 'main.py')
 
 
+def as_a_user_runs_it(env: dict) -> dict:
+  """`env` without the test session's settings: one CPU device, full XLA optimization."""
+  return {k: v for k, v in env.items() if k not in ('XLA_FLAGS', 'JAX_DISABLE_MOST_OPTIMIZATIONS')}
+
+
 def tiny_config(method: str = 'macrl', **overrides):
   """A config small enough for a CPU test: ViT 'mu' cut to 2 blocks (width 64) on 16 px, patch 4.
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, digits_config, override
+from helpers import REPO, as_a_user_runs_it, digits_config, override
 from macrl_jax import build, losses, mimco, sharding, teacher, train, workdir
 
 
@@ -147,8 +147,7 @@ def test_teacher_errors(digits_dir, teacher_dir, tmp_path):
 def test_two_stage_recipe_from_the_command_line(tmp_path):
   """Stage 1 mocov3 at the digits default budget, then stage 2 mimco; the student beats random init."""
   from test_train import load_config, random_init_knn, read_jsonl
-  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
-  env.pop('XLA_FLAGS')
+  env = dict(as_a_user_runs_it(os.environ), TFDS_DATA_DIR=str(tmp_path / 'tfds'))
   teacher, student = tmp_path / 'teacher', tmp_path / 'student'
   for cmd in ([f'--config={REPO}/configs/digits.py:method=mocov3', f'--workdir={teacher}'],
               [f'--config={REPO}/configs/digits.py:method=mimco,teacher={teacher}',

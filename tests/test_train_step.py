@@ -29,16 +29,27 @@ def test_eight_host_devices_are_there():
 @pytest.mark.parametrize('method', ['macrl', 'mocov3'])
 def test_sharded_step_equals_single_device(method, fsdp):
   config = tiny_config(method, queue_size=64 if method == 'macrl' else 0)
-  # Adam's first steps move every weight by about ±lr whatever its gradient's size, so a gradient
-  # that is ~0 turns reduction-order rounding into differences of a fraction of lr: keep lr small.
   config.optim.base_lr = 1e-3
   one, m1 = run_steps(config, jax.devices()[:1], num_steps=2)
   config.sharding.fsdp = fsdp
   eight, m8 = run_steps(config, jax.devices(), num_steps=2)
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5),
-               without_gradient_free(one, method), without_gradient_free(eight, method))
+    np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-4)
+  assert_equal_but_for_rounding_in_adam(without_gradient_free(one, method),
+                                        without_gradient_free(eight, method),
+                                        lr_sum=sum(float(m['lr']) for m in m1))
+
+
+def assert_equal_but_for_rounding_in_adam(a, b, lr_sum: float):
+  """Adam moves a weight by up to lr per step whatever the size of its gradient, so where a
+  gradient is ~0 the reduction order's rounding can flip its sign: that weight may then differ by
+  up to twice the summed lr. Such weights are rare; every other one must agree to rounding."""
+  pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  loose = sum(int(np.sum(~np.isclose(x, y, rtol=1e-3, atol=2e-5))) for x, y in pairs)
+  assert loose <= 1e-3 * sum(x.size for x, _ in pairs), f'{loose} weights differ beyond rounding'
+  for x, y in pairs:
+    np.testing.assert_allclose(x, y, rtol=0, atol=2 * lr_sum + 2e-5)
 
 
 def test_fsdp_shards_params_and_optimizer_state():
