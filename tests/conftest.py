@@ -89,6 +89,15 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'integration: trains, restores or runs a program')
 
 
+# The longest tests (a minute or more each on two cores) start first, so that the two workers
+# finish together instead of one waiting for the other's last long test.
+LONGEST = ['test_two_processes_train_like_one',
+           'test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun',
+           'test_resume_after_sigterm_equals_an_uninterrupted_run',
+           'test_ablate_stopped_mid_trial_records_nothing_and_resumes',
+           'test_each_config_builds_and_runs_two_steps']
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
@@ -97,3 +106,5 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
     if SHARED_RUNS & set(item.fixturenames):
       item.add_marker(pytest.mark.xdist_group(item.path.name))
+  rank = {name: i for i, name in enumerate(LONGEST)}
+  items.sort(key=lambda item: rank.get(item.originalname, len(LONGEST)))  # stable: the rest in order

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO
+from helpers import REPO, run_tool_in_process
 
 TINY = '''
 import sys
@@ -42,12 +42,9 @@ def test_synthetic_benchmark_reports_without_tensorflow(tmp_path):
 
 
 def test_input_benchmark_on_mock_data_needs_no_download(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, str(REPO / 'tools' / 'input_benchmark.py'), '--config=configs/cifar100.py',
-       '--mock=64', '--config.batch_size=16', '--warmup=1', '--batches=2',
-       f'--config.data_dir={tmp_path / "empty"}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = run_tool_in_process('input_benchmark', f'--config={REPO / "configs" / "cifar100.py"}',
+                            '--mock=64', '--config.batch_size=16', '--warmup=1', '--batches=2',
+                            f'--config.data_dir={tmp_path / "empty"}')
+  result = json.loads(out.strip().splitlines()[-1])
   assert result['dataset'] == 'cifar100 (mock_data, 64 random examples)'
   assert result['images_per_sec'] > 0 and result['num_views'] == 2 and result['batch_size'] == 16

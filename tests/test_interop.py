@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, digits_config, tiny_config
+from helpers import REPO, digits_config, run_tool_in_process, tiny_config
 from macrl_jax import interop, interop_files, interop_state_dicts, models, train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
@@ -432,12 +432,9 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
   from macrl_jax import workdir
   config = workdir.load_config(mocov3_workdir)
   online, _, _ = make_mocov3_file(path, config)
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = str(tmp_path / 'feats.npz')
-  proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'extract_features.py'),
-                         f'--workdir={mocov3_workdir}', f'--init={path}', f'--out={out}'],
-                        capture_output=True, text=True, env=env, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_tool_in_process('extract_features', f'--workdir={mocov3_workdir}', f'--init={path}',
+                      f'--out={out}')
   feats = np.load(out)['features']
   restored = workdir.load_init_file(mocov3_workdir, path)
   x = images(config)

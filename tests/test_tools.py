@@ -316,10 +316,13 @@ def png_panel_mse(path):
 
 def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digits_dir, tmp_path):
   trained = str(tmp_path / 'mae')
-  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=200, log_every_steps=100,
-                                         checkpoint_every_steps=200, eval_every_steps=200), trained)
+  # At lr 3e-3 forty steps learn more than the default lr's two hundred (reconstruction MSE 0.38 of
+  # the masked panel's against 0.43).
+  train.train_and_evaluate(digits_config(digits_dir, 'mae', total_steps=40, log_every_steps=40,
+                                         checkpoint_every_steps=40, eval_every_steps=40,
+                                         **{'optim.base_lr': 3e-3}), trained)
   mse = {}
-  for name, wd in (('trained', trained), ('untrained', mae_run)):  # 200 steps vs 2
+  for name, wd in (('trained', trained), ('untrained', mae_run)):  # 40 steps vs 2
     tool('visualize', f'--workdir={wd}', '--num=16')
     branch = read_json(os.path.join(wd, 'eval', 'visualize.json'))['branches']['view1']
     mse[name] = png_panel_mse(branch['png'])
@@ -406,13 +409,13 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
           'eval_every_steps': 1000, 'checkpoint_every_steps': 4, 'data_dir': digits_dir}
   args = [f'--config={REPO / "configs" / "digits.py"}',
           *[f'--config.{k}={v}' for k, v in tiny.items()], f'--out={out}', f'--trials={trials}',
-          '--runs=mimco,mae', '--protocol=selection', '--seeds=0,1', '--probe_epochs=2']
+          '--runs=mimco', '--protocol=selection', '--seeds=0,1', '--probe_epochs=2']
   tool('ablate', *args)
   results = read_json(out / 'results.json')
   rows = results['rows']
-  assert list(rows) == ['pixels', 'random init', 'qm', 'mimco', 'mae'], list(rows)
+  assert list(rows) == ['pixels', 'random init', 'qm', 'mimco'], list(rows)  # qm: mimco's teacher
   assert results['eval_split'] == 'holdout' and results['seeds'] == [0, 1]
-  for name in ('random init', 'qm', 'mimco', 'mae'):
+  for name in ('random init', 'qm', 'mimco'):
     for key in ('knn_top1', 'linear_top1'):
       per_seed = rows[name][f'{key}_per_seed']
       assert len(per_seed) == 2 and all(0.0 <= v <= 1.0 for v in per_seed), (name, key)
@@ -423,14 +426,13 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert (config['lambda_con'], config['seed'], config['test_split']) == (0.5, 1, 'holdout')
   assert config['data']['holdout_fraction'] == 0.1
   assert read_json(run('mimco', 0) / 'config.json')['teacher']['workdir'] == str(run('qm', 0))
-  assert read_json(run('mae', 0) / 'config.json')['rec_loss'] == 'l2'  # the method's own recipe
   table = (out / 'results.md').read_text()
   assert '| qm | macrl | key_mask=same, lambda_con=0.5 | epochs | 4 |' in table, table
 
-  logs = {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
+  logs = {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mimco')}
   tool('ablate', *args)  # everything finished: nothing is trained or probed again
   assert read_json(out / 'results.json')['rows'] == rows
-  assert logs == {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mae')}
+  assert logs == {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mimco')}
 
   # Equal time: mae (cheaper per step than macrl) gets proportionally more steps.
   tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm', '--runs=qm,mae',
@@ -440,6 +442,8 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert t['mae'] < t['qm']
   assert results['rows']['mae (equal time)']['steps'] == round(4 * t['qm'] / t['mae']) > 4
   assert 'qm (equal time)' not in results['rows']  # the reference's time run is its epochs run
+  mae = read_json(out / 'runs' / 'mae' / 'time' / 'seed0' / 'config.json')
+  assert mae['rec_loss'] == 'l2' and mae['total_steps'] > 4  # the method's own recipe
 
 
 def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_path):
@@ -448,16 +452,16 @@ def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_pa
   out = tmp_path / 'ablation'
   trials = tmp_path / 'trials.json'
   trials.write_text(json.dumps({'mae': {'method': 'mae'}}))
-  small = {'total_steps': 200, 'batch_size': 32, 'model.width': 32, 'model.depth': 1,
+  small = {'total_steps': 100, 'batch_size': 32, 'model.width': 32, 'model.depth': 1,
            'model.num_heads': 2, 'model.mlp_dim': 64, 'model.decoder_width': 32,
            'model.decoder_depth': 1, 'optim.warmup_steps': 2, 'log_every_steps': 10,
            'eval_every_steps': 1000, 'checkpoint_every_steps': 1000, 'data_dir': digits_dir}
-  args = [sys.executable, str(REPO / 'tools' / 'ablate.py'), '--config=configs/digits.py',
+  args = [f'--config={REPO / "configs" / "digits.py"}',
           *[f'--config.{k}={v}' for k, v in small.items()], f'--out={out}', f'--trials={trials}',
           '--protocol=selection', '--seeds=0', '--probe_epochs=2']
   metrics = out / 'runs' / 'mae' / 'epochs' / 'seed0' / 'metrics.jsonl'
-  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen([sys.executable, str(REPO / 'tools' / 'ablate.py'), *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   while proc.poll() is None and not (metrics.exists() and metrics.read_text().strip()):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
@@ -468,7 +472,7 @@ def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_pa
   stopped_at = [json.loads(line)['step'] for line in metrics.read_text().splitlines()][-1]
   assert stopped_at < small['total_steps']
 
-  check_ok(subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600))
+  tool('ablate', *args)  # the same command
   row = read_json(out / 'results.json')['rows']['mae']
   assert row['seeds'] == [0] and len(row['linear_top1_per_seed']) == 1
   steps = [json.loads(line)['step'] for line in metrics.read_text().splitlines()]
