@@ -8,13 +8,16 @@ every variant starts from the same initial state and runs the same random batch,
 after the first steps must agree within float32 reordering (printed as the largest relative
 difference from the default). The variants are then timed in turn, `--steps` steps each, for
 `--rounds` rounds, so that a change of the machine's load weighs on each alike. Prints a table and
-one JSON line: per variant the median step seconds, its ratio to the default, and the loss gap.
+one JSON line: per variant the median step seconds, its ratio to the default, the seconds its
+compilation took (run with the compilation cache off, as by default outside the tests), and the
+loss gap.
 """
 
 import json
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,6 +46,8 @@ VARIANTS = {
     'xnn_dot': {'xla_cpu_experimental_ynn_fusion_type': '',
                 'xla_cpu_experimental_xnn_fusion_type': _DOT},
     'vector_512': {'xla_cpu_prefer_vector_width': 512},  # AVX-512 for the elementwise fusions
+    # What jax_disable_most_optimizations sets (the fast test tier's choice): faster compiles.
+    'unoptimized': {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True},
 }
 
 
@@ -57,9 +62,12 @@ def main(argv):
   batches = repeat(sharding.make_global_batch(random_local_batch(config), mesh))
   batch = next(batches)
 
-  runners, losses = {}, {}
+  runners, losses, compile_s = {}, {}, {}
   for name in _VARIANTS.value:
-    step = built.step.lower(built.abstract_state, batch).compile(compiler_options=VARIANTS[name])
+    lowered = built.step.lower(built.abstract_state, batch)
+    start = time.perf_counter()
+    step = lowered.compile(compiler_options=VARIANTS[name])
+    compile_s[name] = time.perf_counter() - start
     state, losses[name] = built.init_state(), []
     for _ in range(_CHECK_STEPS.value):
       state, metrics = step(state, batch)
@@ -76,11 +84,12 @@ def main(argv):
   median = {n: statistics.median(t) for n, t in times.items()}
   base = median[_VARIANTS.value[0]]
   result = {n: dict(step_s=round(median[n], 4), ratio_to_first=round(median[n] / base, 3),
-                    loss_rel_gap=float(f'{loss_gap[n]:.2e}'), options=VARIANTS[n])
+                    compile_s=round(compile_s[n], 2), loss_rel_gap=float(f'{loss_gap[n]:.2e}'),
+                    options=VARIANTS[n])
             for n in runners}
   for n, r in result.items():
-    print(f'{n:<12} {r["step_s"]:8.3f} s/step  ×{r["ratio_to_first"]:.3f}  loss gap '
-          f'{r["loss_rel_gap"]:.1e}')
+    print(f'{n:<12} {r["step_s"]:8.3f} s/step  ×{r["ratio_to_first"]:.3f}  compile '
+          f'{r["compile_s"]:6.2f} s  loss gap {r["loss_rel_gap"]:.1e}')
   print(json.dumps(dict(variants=result, rounds=_ROUNDS.value, steps_per_round=_STEPS.value,
                         batch_size=config.batch_size, load_avg_1m=os.getloadavg()[0])))
 
