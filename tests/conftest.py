@@ -34,7 +34,7 @@ def slow_tests_run_optimized(request):
     yield
     return
   import jax  # noqa: PLC0415 (imported after XLA_FLAGS is set, above)
-  before = jax.config.jax_disable_most_optimizations
+  before = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
   yield
   jax.config.update('jax_disable_most_optimizations', before)
