@@ -1,11 +1,12 @@
-"""A pytest plugin: per test, its wall time and the XLA programs it compiled, with their seconds.
+"""A pytest plugin: per test, its wall and CPU time and the XLA programs it compiled, with their seconds.
 
   PYTHONPATH=benchmarks COMPILE_TIMES_DIR=/tmp/ct JAX_COMPILATION_CACHE_DIR=/tmp/fresh_cache \
       python -m pytest -q -n 2 --dist loadgroup -m "not slow" -p pytest_compile_times tests
 
-Writes COMPILE_TIMES_DIR/<xdist worker>.json: {test id: {start, wall, programs: [[name, hash of
+Writes COMPILE_TIMES_DIR/<xdist worker>.json: {test id: {start, wall, cpu, programs: [[name, hash of
 the program text, seconds], ...]}}; a program compiled by two tests or workers shows under both
-with the same hash. Counts compilations in the test processes, not in their subprocesses. It wraps
+with the same hash. `cpu` is user + system seconds of the test process and of the subprocesses the
+test waited for (on two cores, what the suite's wall time follows). Counts compilations in the test processes, not in their subprocesses. It wraps
 jax._src.compiler.backend_compile_and_load, a private function of the pinned jax.
 """
 
@@ -39,6 +40,11 @@ def _record_compilations():
   compiler.backend_compile_and_load = recorded
 
 
+def _cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 def pytest_sessionstart(session):
   del session
   os.makedirs(_OUT, exist_ok=True)
@@ -49,9 +55,9 @@ def pytest_sessionstart(session):
 def pytest_runtest_protocol(item, nextitem):
   del nextitem
   _compiled.clear()
-  start = time.time()
+  start, cpu = time.time(), _cpu_seconds()
   yield
   _per_test[item.nodeid] = dict(start=round(start, 1), wall=round(time.time() - start, 1),
-                                programs=list(_compiled))
+                                cpu=round(_cpu_seconds() - cpu, 1), programs=list(_compiled))
   with open(os.path.join(_OUT, f'{_WORKER}.json'), 'w') as f:
     json.dump(_per_test, f, indent=0)

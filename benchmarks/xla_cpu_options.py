@@ -48,6 +48,11 @@ VARIANTS = {
     'vector_512': {'xla_cpu_prefer_vector_width': 512},  # AVX-512 for the elementwise fusions
     # What jax_disable_most_optimizations sets (the fast test tier's choice): faster compiles.
     'unoptimized': {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True},
+    # XLA's older LLVM IR emitters for the elementwise fusions instead of its MLIR ones.
+    'legacy_emitters': {'xla_cpu_use_fusion_emitters': False},
+    'unoptimized_legacy_emitters': {'xla_backend_optimization_level': 0,
+                                    'xla_llvm_disable_expensive_passes': True,
+                                    'xla_cpu_use_fusion_emitters': False},
 }
 
 

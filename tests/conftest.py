@@ -5,9 +5,14 @@ import sys
 from pathlib import Path
 
 # A long collective timeout: on a loaded 2-core machine one of the 8 device threads can be starved
-# past XLA's default 40 s rendezvous limit, which aborts the whole process.
+# past XLA's default 40 s rendezvous limit, which aborts the whole process. And XLA's LLVM IR
+# emitters for elementwise code rather than its MLIR ones: without the backend optimizations (below)
+# they compile the tests' step in 3.9-4.4 s instead of 6.1-7.0 s, and it runs 1.01-1.08x as long
+# (results/perf/xla_cpu_options.json, `unoptimized_legacy_emitters`). The flag is one of the pinned
+# jaxlib's; an unknown XLA flag aborts the process.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
-                      '--xla_cpu_collective_call_terminate_timeout_seconds=600')
+                      '--xla_cpu_collective_call_terminate_timeout_seconds=600 '
+                      '--xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Many tests compile the same tiny step: share compiled programs across tests and subprocesses.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/macrl_jax_test_jax_cache')
@@ -15,8 +20,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # The fast tier compiles some sixty small programs and runs each for a few steps, so XLA's backend
 # optimizations cost more time than they save: off here and in the subprocesses, which inherit it.
-# Compilation takes a third less time (results/perf/xla_cpu_options.json); the slow tier
-# (`slow_tests_run_optimized` below) runs as a user's command does, fully optimized.
+# Compilation takes a third less time (results/perf/xla_cpu_options.json). The slow tier runs fully
+# optimized: `slow_tests_run_optimized` below turns the optimizations back on for its in-process
+# tests (which keep the emitter choice above, fixed when jax starts), and its commands run as a
+# user's do (helpers.as_a_user_runs_it: neither setting).
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -14,7 +14,9 @@ pictures, process-0-only logs, collective checkpoints).
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+# Two devices per process, and the test session's code-generation choice (tests/conftest.py).
+os.environ['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=2 '
+                           '--xla_cpu_use_fusion_emitters=false')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
