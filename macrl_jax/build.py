@@ -55,7 +55,7 @@ def build(config, mesh: jax.sharding.Mesh) -> Built:
   init = functools.partial(method.init_state, config, modules, tx)
   abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
   shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
-  jitted_init = jax.jit(init, out_shardings=shardings)
+  jitted_init, step = jitted(config, mesh, method, modules, tx, lr_fn, shardings)
 
   def init_state(seed: int | None = None):
     state = jitted_init(jax.random.PRNGKey(config.seed if seed is None else seed))
@@ -64,8 +64,33 @@ def build(config, mesh: jax.sharding.Mesh) -> Built:
       state = interop_files.initialise(state, config, shardings)
     return state
 
-  step = jax.jit(method.make_train_step(config, modules, tx, lr_fn),
-                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   return Built(modules, tx, lr_fn, init_state, sharding.with_shardings(abstract, shardings),
                shardings, step)
+
+
+# The jitted programs of the last few (method, config, mesh) of this process. A process that trains
+# one config again (the ablation's timing of a trial it trained, a run after a failed one, the
+# tests) reuses their traces and compiled programs: tracing, lowering and loading a step from the
+# compilation cache take seconds each time.
+_JITTED: dict = {}
+_JITTED_KEEP = 8
+
+
+def jitted(config, mesh, method: Method, modules, tx, lr_fn, shardings) -> tuple[Callable, Callable]:
+  """(jit(init)(rng) -> state, jit(step)(state, batch) -> (state, metrics)) of `config` on `mesh`,
+  laid out by `shardings`; the step donates the state. The same objects for an equal config.
+
+  The programs are pure functions of the config (modules, optimizer and schedule are made from
+  it), so a config equal field for field gets the programs made for the first one.
+  """
+  key = (method, config.to_json_best_effort(sort_keys=True), mesh)
+  if key not in _JITTED:
+    init = jax.jit(functools.partial(method.init_state, config, modules, tx),
+                   out_shardings=shardings)
+    step = jax.jit(method.make_train_step(config, modules, tx, lr_fn),
+                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    while len(_JITTED) >= _JITTED_KEEP:
+      del _JITTED[next(iter(_JITTED))]  # the oldest
+    _JITTED[key] = (init, step)
+  return _JITTED[key]

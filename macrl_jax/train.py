@@ -68,16 +68,16 @@ def _train(config, workdir: str, mesh, is_main: bool) -> dict[str, Any]:
   shardings = sharding.state_shardings(abstract, mesh, config.sharding.fsdp)
 
   # ---------------------------------------------------------------- step
-  step_fn = jax.jit(method.make_train_step(config, modules, tx, lr_fn),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  # jax.jit of the init and of the step; the state donated to the step. Equal configs get the same
+  # jitted programs within a process.
+  init_fn, step_fn = build.jitted(config, mesh, method, modules, tx, lr_fn, shardings)
 
   # ---------------------------------------------------------------- checkpoint
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, sharding.with_shardings(abstract, shardings),
                                        move_aside=True)
   if restored is None:
-    state, start_step = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed)), 0
+    state, start_step = init_fn(jax.random.PRNGKey(config.seed)), 0
     if config.get('init'):
       from macrl_jax import interop_files  # only with a file to read (it may need torch)
       state = interop_files.initialise(state, config, shardings)

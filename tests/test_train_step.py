@@ -52,6 +52,19 @@ def assert_equal_but_for_rounding_in_adam(a, b, lr_sum: float):
     np.testing.assert_allclose(x, y, rtol=0, atol=2 * lr_sum + 2e-5)
 
 
+def test_an_equal_config_gets_the_jitted_step_already_made():
+  """A process that trains one config again (the ablation's step timing of a trial it trained, a
+  second run) reuses the jitted step and its compiled program; a changed field, another mesh or
+  another step function gets its own."""
+  mesh = sharding.make_mesh()
+  first = build.build(tiny_config('macrl'), mesh).step
+  assert build.build(tiny_config('macrl'), mesh).step is first
+  assert build.build(tiny_config('macrl', total_steps=101), mesh).step is not first
+  assert build.build(tiny_config('macrl'), sharding.make_mesh(jax.devices()[:1])).step is not first
+  other = build.METHODS['macrl']._replace(make_train_step=lambda *args: lambda state, batch: None)
+  assert build.jitted(tiny_config('macrl'), mesh, other, None, None, None, None)[1] is not first
+
+
 def test_fsdp_shards_params_and_optimizer_state():
   config = tiny_config('mae')
   config.sharding.fsdp = True
