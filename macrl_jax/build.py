@@ -68,9 +68,9 @@ def build(config, mesh: jax.sharding.Mesh) -> Built:
                shardings, step)
 
 
-# The jitted programs of the last few (method, config, mesh) of this process. A process that trains
-# one config again (the ablation's timing of a trial it trained, a run after a failed one, the
-# tests) reuses their traces and compiled programs: tracing, lowering and loading a step from the
+# The jitted programs of the last few (method, config, mesh) of this process. A process that builds
+# one config again (tools/ablate.py trains its seed-0 trials after timing their steps; the tests)
+# reuses their traces and compiled programs: tracing, lowering and loading a step from the
 # compilation cache take seconds each time.
 _JITTED: dict = {}
 _JITTED_KEEP = 8
