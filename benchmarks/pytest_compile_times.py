@@ -1,4 +1,4 @@
-"""A pytest plugin: per test, its wall and CPU time and the XLA programs it compiled, with their seconds.
+"""A pytest plugin: per test, its wall and CPU time and the XLA programs it compiled, with seconds.
 
   PYTHONPATH=benchmarks COMPILE_TIMES_DIR=/tmp/ct JAX_COMPILATION_CACHE_DIR=/tmp/fresh_cache \
       python -m pytest -q -n 2 --dist loadgroup -m "not slow" -p pytest_compile_times tests
@@ -6,8 +6,9 @@
 Writes COMPILE_TIMES_DIR/<xdist worker>.json: {test id: {start, wall, cpu, programs: [[name, hash of
 the program text, seconds], ...]}}; a program compiled by two tests or workers shows under both
 with the same hash. `cpu` is user + system seconds of the test process and of the subprocesses the
-test waited for (on two cores, what the suite's wall time follows). Counts compilations in the test processes, not in their subprocesses. It wraps
-jax._src.compiler.backend_compile_and_load, a private function of the pinned jax.
+test waited for (on two cores, what the suite's wall time follows). Counts compilations in the test
+processes, not in their subprocesses. It wraps jax._src.compiler.backend_compile_and_load, a
+private function of the pinned jax.
 """
 
 import hashlib

@@ -76,7 +76,8 @@ _JITTED: dict = {}
 _JITTED_KEEP = 8
 
 
-def jitted(config, mesh, method: Method, modules, tx, lr_fn, shardings) -> tuple[Callable, Callable]:
+def jitted(config, mesh, method: Method, modules, tx, lr_fn,
+           shardings) -> tuple[Callable, Callable]:
   """(jit(init)(rng) -> state, jit(step)(state, batch) -> (state, metrics)) of `config` on `mesh`,
   laid out by `shardings`; the step donates the state. The same objects for an equal config.
 

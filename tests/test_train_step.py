@@ -53,9 +53,9 @@ def assert_equal_but_for_rounding_in_adam(a, b, lr_sum: float):
 
 
 def test_an_equal_config_gets_the_jitted_step_already_made():
-  """A process that trains one config again (the ablation's step timing of a trial it trained, a
-  second run) reuses the jitted step and its compiled program; a changed field, another mesh or
-  another step function gets its own."""
+  """A process that builds one config again (tools/ablate.py times a trial's step, then trains it)
+  reuses the jitted step and its compiled program; a changed field, another mesh or another step
+  function gets its own."""
   mesh = sharding.make_mesh()
   first = build.build(tiny_config('macrl'), mesh).step
   assert build.build(tiny_config('macrl'), mesh).step is first
