@@ -61,6 +61,8 @@ def main(argv):
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown:
     raise UserError(f'--variants: {unknown} are not among {sorted(VARIANTS)}')
+  if len(set(_VARIANTS.value)) < len(_VARIANTS.value):  # a repeat would time an in-memory compile
+    raise UserError(f'--variants: {_VARIANTS.value} names a variant twice')
   config = _CONFIG.value
   mesh = sharding.make_mesh()
   built = build.build(config, mesh)

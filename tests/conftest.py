@@ -18,9 +18,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', '/tmp/macrl_jax_test_jax_cache')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-# The fast tier compiles some sixty small programs and runs each for a few steps, so XLA's backend
-# optimizations cost more time than they save: off here and in the subprocesses, which inherit it.
-# Compilation takes a third less time (results/perf/xla_cpu_options.json). The slow tier runs fully
+# The fast tier compiles some ninety programs that take 0.3 s or more (results/perf/
+# test_suite_times.json) and runs each for a few steps, so XLA's backend optimizations cost more
+# time than they save: off here and in the subprocesses, which inherit it. Compilation takes a
+# third less time (results/perf/xla_cpu_options.json). The slow tier runs fully
 # optimized: `slow_tests_run_optimized` below turns the optimizations back on for its in-process
 # tests (which keep the emitter choice above, fixed when jax starts), and its commands run as a
 # user's do (helpers.as_a_user_runs_it: neither setting).
