@@ -1,6 +1,8 @@
 """The fine-tuning classifier and its optimizer, MAE's recipe.
 
-  classifier = encoder (drop path) → pool (cls token, or mean of patch tokens + LayerNorm) → linear
+  classifier = encoder (drop path, position embeddings trained from the sin-cos table)
+               → pool (cls token, or MAE's global pool: the mean of the patch tokens without the
+                 encoder's final norm, then a fresh LayerNorm `fc_norm`) → linear
   AdamW, linear warm-up + cosine, lr = base_lr · batch / 256, layer-wise lr decay (BEiT/MAE: block i
   of depth d gets lr · decay^(d − i), the patch embedding and cls token decay^(d + 1), the final
   norm and the head lr).
@@ -9,12 +11,29 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from macrl_jax import models, optim
+
+
+def finetuning_encoder(encoder: models.Encoder, pool: str, drop_path: float) -> models.Encoder:
+  """The pre-trained encoder as MAE fine-tunes it: learned position embeddings, and no final norm
+  under global (mean) pooling, where `fc_norm` takes its place."""
+  return encoder.clone(drop_path=float(drop_path), learned_pos=True, final_norm=pool != 'mean')
+
+
+def with_pretrained(fresh: dict, pretrained: dict) -> dict:
+  """The fine-tuning encoder's params `fresh`, each taken from `pretrained` where it has it: the
+  position table (which pre-training keeps fixed) starts from its fresh sin-cos value, and a final
+  norm that the classifier dropped is left out."""
+  flat_fresh = flax.traverse_util.flatten_dict(fresh)
+  flat_pretrained = flax.traverse_util.flatten_dict(pretrained)
+  return flax.traverse_util.unflatten_dict(
+      {k: flat_pretrained.get(k, v) for k, v in flat_fresh.items()})
 
 
 class Classifier(nn.Module):

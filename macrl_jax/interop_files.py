@@ -9,6 +9,7 @@ fails with one line naming requirements-interop.txt.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -35,7 +36,8 @@ def meta_path(path: str) -> str:
 
 def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
   """(flat state dict as numpy, the JSON beside it or None). Unwraps MoCo v3's 'state_dict' and
-  MAE's 'model'. Pickles are read with weights_only=True: nothing but tensors is unpickled."""
+  MAE's 'model'. Pickles are read with weights_only=True: nothing but tensors, plain Python values
+  and argparse.Namespace (MAE's 'args') is unpickled."""
   if not os.path.isfile(path):
     raise InteropError(f'{path}: no such file')
   meta = None
@@ -53,10 +55,13 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
                        f'({", ".join(TORCH_SUFFIXES)})')
   torch = _require('torch', 'reading a .pth file')
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    # MAE's training checkpoints keep their argparse.Namespace under 'args': that class, and no
+    # other, may be unpickled besides tensors and plain Python values.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:
     raise InteropError(f'{path}: torch.load(weights_only=True) cannot read it, so it is not a plain '
-                       f'checkpoint of tensors ({type(e).__name__}: {str(e).splitlines()[0]})') from None
+                       f'checkpoint of tensors ({type(e).__name__}: {_reason(e)})') from None
   if isinstance(obj, dict):
     for key in ('state_dict', 'model'):  # MoCo v3, MAE
       if isinstance(obj.get(key), dict):
@@ -69,6 +74,13 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict | None]:
                        "or one under 'state_dict' (MoCo v3) or 'model' (MAE)")
   return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
           for k, v in obj.items()}, meta
+
+
+def _reason(error: Exception) -> str:
+  """The line of torch.load's message that says why: the unsupported global, if that is why."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  named = [line for line in lines if 'Unsupported global' in line]
+  return (named or lines or [type(error).__name__])[0]
 
 
 def load_variables(path: str, config, *, encoder: str = 'online', interpolate_pos: bool = False,
@@ -94,12 +106,18 @@ def write_safetensors(path: str, sd: dict[str, np.ndarray], meta: dict | None = 
 
 
 def write_torch(path: str, obj) -> None:
-  """torch.save of nested dicts whose leaves are numpy arrays (turned into tensors)."""
+  """torch.save of nested dicts and lists whose numpy arrays become tensors (other values, such as
+  numbers and strings, are saved as they are)."""
   torch = _require('torch', 'writing a .pth file')
 
   def convert(x):
-    return {k: convert(v) for k, v in x.items()} if isinstance(x, dict) else torch.from_numpy(
-        np.ascontiguousarray(x))
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [convert(v) for v in x]
+    if hasattr(x, 'shape'):  # numpy or jax arrays
+      return torch.from_numpy(np.array(x))  # a writable copy
+    return x
   torch.save(convert(obj), path)
 
 

@@ -12,11 +12,12 @@ def reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, *,
   """Mean error on the masked patches only.
 
   pred, target: [B, N, P] (target = patchify(images)); mask: [B, N], 1 on masked patches.
-  With `norm_pix` each target patch is normalised by its own mean and variance (MAE).
+  With `norm_pix` each target patch is normalised by its own mean and unbiased variance, as MAE's
+  `torch.var` computes it (the biased one would make every target √(P/(P−1)) too large).
   """
   if norm_pix:
     mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, keepdims=True)
+    var = target.var(axis=-1, ddof=1, keepdims=True)
     target = (target - mean) / jnp.sqrt(var + 1e-6)
   diff = pred - target
   err = jnp.abs(diff) if kind == 'l1' else jnp.square(diff)

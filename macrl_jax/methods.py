@@ -80,32 +80,36 @@ METHOD_TABLE = {
         recipe={'aug.view1': strong_aug, 'aug.view2': weak_aug, 'mask_ratio_strong': 0.75,
                 'mask_ratio_weak': 0.25, 'lambda_con': 1.0, 'lambda_rec': 1.0, 'rec_loss': 'l1',
                 'temperature': 0.2, 'momentum_base': 0.99, 'optim.b2': 0.95,
-                'optim.weight_decay': 0.05},
+                'optim.weight_decay': 0.05, 'optim.decay_params': 'weights',
+                'model.cls_init_std': 0.02},
         trains=('lambda_con', 'lambda_rec')),
     # MAE (He et al. 2022): one view, crop 0.2–1 + flip, 75 % masked, MSE on normalised pixels,
-    # AdamW β2 0.95, weight decay 0.05.
+    # AdamW β2 0.95, weight decay 0.05 on every weight but biases and norms, cls token std 0.02.
     'mae': dict(
         fixed={'num_views': 1, 'lambda_con': 0.0, 'queue_size': 0},
         recipe={'aug.view1': lambda: crop_flip_aug(0.2), 'mask_ratio_strong': 0.75,
                 'lambda_rec': 1.0, 'rec_loss': 'l2', 'norm_pix_loss': True, 'optim.b2': 0.95,
-                'optim.weight_decay': 0.05},
+                'optim.weight_decay': 0.05, 'optim.decay_params': 'weights',
+                'model.cls_init_std': 0.02},
         trains=('lambda_rec',)),
     # MoCo v3 ViT (Chen et al. 2021): BYOL's asymmetric views (blur 1.0 / 0.1, solarize 0 / 0.2,
-    # crop 0.08–1), no masking, InfoNCE τ 0.2, momentum 0.99 → 1 (cosine), AdamW β2 0.999, wd 0.1.
+    # crop 0.08–1), no masking, InfoNCE τ 0.2, momentum 0.99 → 1 (cosine), AdamW β2 0.999, wd 0.1
+    # on every parameter, cls token std 1e-6.
     'mocov3': dict(
         fixed={'num_views': 2, 'lambda_rec': 0.0, 'mask_ratio_strong': 0.0,
                'mask_ratio_weak': 0.0},
         recipe={'aug.view1': view_aug,
                 'aug.view2': lambda: view_aug(blur_prob=0.1, solarize_prob=0.2),
                 'lambda_con': 1.0, 'temperature': 0.2, 'momentum_base': 0.99, 'optim.b2': 0.999,
-                'optim.weight_decay': 0.1},
+                'optim.weight_decay': 0.1, 'optim.decay_params': 'all', 'model.cls_init_std': 1e-6},
         trains=('lambda_con',)),
     # MimCo student: one weak view, 75 % masked; the teacher sees it whole. Its losses are weighted
     # by the mimco.* fields, not by lambda_con and lambda_rec.
     'mimco': dict(
         fixed={'num_views': 1, 'lambda_con': 0.0, 'lambda_rec': 0.0, 'queue_size': 0},
         recipe={'aug.view1': weak_aug, 'mask_ratio_strong': 0.75, 'optim.b2': 0.95,
-                'optim.weight_decay': 0.05},
+                'optim.weight_decay': 0.05, 'optim.decay_params': 'weights',
+                'model.cls_init_std': 0.02},
         trains=(),
         check=_check_mimco),
 }

@@ -19,16 +19,33 @@ def lr_schedule(config, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=o.min_lr)
 
 
-def decay_mask(params):
-  """Weight decay on matmul kernels only: not on biases, norms, position embeddings or tokens."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+DECAY_PARAMS = ('weights', 'all', 'kernels')
+
+
+def decay_mask(params, which: str = 'kernels'):
+  """The parameters that weight decay applies to (a tree of bools like `params`).
+
+  'kernels': matmul kernels only (MAE's fine-tuning: not biases, norms, cls token or position
+  embeddings). 'weights': every parameter but biases and norm scales, the rule of timm's
+  `param_groups_weight_decay` that MAE pre-trains with (ndim > 1 and not a bias, so cls and mask
+  tokens too); decided by name, since nn.scan stacks 1-D parameters into 2-D ones. 'all': MoCo v3.
+  """
+  def decayed(path, _):
+    name = getattr(path[-1], 'key', None)
+    if which == 'all':
+      return True
+    if which == 'weights':
+      return name not in ('bias', 'scale')
+    return name == 'kernel'
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   o = config.optim
   schedule = lr_schedule(config, total_steps)
-  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask)
+  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                   mask=lambda params: decay_mask(params, o.decay_params))
   if o.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   return tx, schedule

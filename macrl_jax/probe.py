@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from macrl_jax import models
 from macrl_jax.accuracy import topk_accuracy
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
@@ -35,8 +36,8 @@ class LinearProbe(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
-                     momentum=0.9, epsilon=1e-6)(x)
+    x = models.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
+                         epsilon=1e-6)(x)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(0.01))(x)
 
 

@@ -10,7 +10,9 @@ from macrl_jax import losses
 def np_reconstruction(pred, target, mask, norm_pix, kind):
   pred, target, mask = (np.asarray(a, np.float64) for a in (pred, target, mask))
   if norm_pix:
-    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, keepdims=True) + 1e-6)
+    # The unbiased variance, as MAE's torch.var.
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+        target.var(-1, ddof=1, keepdims=True) + 1e-6)
   err = np.abs(pred - target) if kind == 'l1' else (pred - target) ** 2
   per_patch = err.mean(-1)
   return (per_patch * mask).sum() / mask.sum()

@@ -1,14 +1,17 @@
 r"""Exports a pre-trained encoder to PyTorch: timm's VisionTransformer naming, as safetensors.
 
   python tools/export.py --workdir=workdirs/digits_macrl [--step=N] [--params=online|momentum] \
-      [--out=FILE.safetensors] [--pool=cls|mean] [--decoder]
+      [--out=FILE.safetensors] [--pool=cls|mean] [--decoder] [--mocov3]
 
 Writes FILE.safetensors (default DIR/export/encoder_<params>_step<N>.safetensors) and FILE.json,
 the keyword arguments of timm's VisionTransformer that compute the same features as the JAX encoder
 (global_pool 'token' for the cls feature, 'avg' with fc_norm=False for the mean of the patch tokens),
 then prints the two lines of Python that load it with strict=True. --decoder also writes
 FILE.mae.pth: {'model': encoder + decoder} in MAE's naming, for MAE's visualisation code (torch
-needed). Needs the optional requirements: pip install -r requirements-interop.txt.
+needed). --mocov3 (mocov3 and macrl workdirs) also writes FILE.pth.tar, a training checkpoint as
+MoCo v3's main_moco.py saves it: online and momentum encoders with their projectors, the predictor,
+BatchNorm statistics and AdamW's state, which main_moco.py --resume and main_lincls.py --pretrained
+read unchanged. Needs the optional requirements: pip install -r requirements-interop.txt.
 """
 
 import os
@@ -20,12 +23,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from macrl_jax import interop, interop_files, interop_state_dicts, models, workdir  # noqa: E402
+from macrl_jax import (interop, interop_checkpoints, interop_files, interop_state_dicts,  # noqa: E402
+                       models, optim, workdir)
 
 workdir.define_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output .safetensors (default: see above).')
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "timm's pooling (default: the config's).")
 _DECODER = flags.DEFINE_bool('decoder', False, "Also write FILE.mae.pth in MAE's naming.")
+_MOCOV3 = flags.DEFINE_bool('mocov3', False, "Also write FILE.pth.tar, MoCo v3's training checkpoint.")
 
 
 def main():
@@ -52,6 +57,10 @@ def main():
       mae_path = out[:-len('.safetensors')] + '.mae.pth'
       interop_files.write_torch(mae_path, {'model': mae})
       written.append(mae_path)
+    if _MOCOV3.value:
+      moco_path = out[:-len('.safetensors')] + '.pth.tar'
+      interop_files.write_torch(moco_path, mocov3_checkpoint(restored))
+      written.append(moco_path)
   except interop.InteropError as e:
     raise workdir.WorkdirError(str(e)) from None
   result = dict(out=written, step=restored.step, params=restored.params, pool=pool, timm=kwargs)
@@ -61,6 +70,20 @@ def main():
                  'import json, safetensors.torch, timm\n'
                  f'model = timm.models.VisionTransformer(**json.load(open({interop_files.meta_path(out)!r}))); '
                  f'model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)')
+
+
+def mocov3_checkpoint(restored: workdir.Restored) -> dict:
+  """The workdir's train state as MoCo v3's main_moco.py saves it (epoch counted from the data)."""
+  from macrl_jax import input_pipeline  # TensorFlow: the number of training images
+  config = restored.config
+  if 'predictor' not in restored.state['params']:
+    raise workdir.WorkdirError(f'--mocov3: {restored.workdir} is a method={config.method} run, '
+                               'which has no MoCo v3 heads; export a mocov3 or macrl workdir')
+  state = jax.device_get(restored.state)
+  epoch = restored.step * config.batch_size // input_pipeline.num_examples(config,
+                                                                           config.train_split)
+  lr = optim.lr_schedule(config, config.total_steps)(restored.step)
+  return interop_checkpoints.mocov3_checkpoint(state, config, epoch, float(lr))
 
 
 if __name__ == '__main__':
