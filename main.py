@@ -68,6 +68,14 @@ def _quiet_libraries() -> None:
     return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
 
   py_logging.getLogger('absl').addFilter(keep)
+  # A failed save ends in one line naming its reason, not in each writer thread's traceback.
+  for name in ('absl', 'asyncio'):
+    py_logging.getLogger(name).addFilter(_not_a_reported_save_failure)
+
+
+def _not_a_reported_save_failure(record) -> bool:
+  from macrl_jax import checkpoint  # imported by then: only a save logs such a record
+  return not checkpoint.is_reported_save_failure(record)
 
 
 def main(argv):
@@ -75,6 +83,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   config = FLAGS.config
+  from macrl_jax import presets
+  presets.follow_the_user(config, errors.file_config(sys.argv[1:], DEFAULT_CONFIG),
+                          errors.overridden_fields(sys.argv[1:]))
   dataset = config.dataset.replace(':', '_').replace('/', '_')
   workdir = FLAGS.workdir or os.path.join('workdirs', f'{dataset}_{config.method}')
   # A bad value or a workdir that is a file ends here, in a second: before TensorFlow loads and

@@ -13,6 +13,7 @@ its step can be saved again; the evaluation tools only skip it, they never chang
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -51,10 +52,22 @@ def manager(workdir: str, keep: int = 3, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, enable_async_checkpointing=async_save,
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if create and jax.process_index() == 0:
+    _remove_unfinished_saves(directory)
   # Registering both items lets either be restored alone (meta is read before any array).
   handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_handlers=handlers)
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+  """Removes the temporary folders of saves that died (a full disk leaves them full), before the
+  writer's first save. Done here, at once, rather than by Orbax's `cleanup_tmp_directories`, which
+  runs in the background and can remove the folder of a save that a short run has already begun."""
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if '.orbax-checkpoint-tmp' in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 @functools.cache
@@ -105,12 +118,36 @@ def finish(mngr: ocp.CheckpointManager) -> None:
   mngr.close()
 
 
+# The operating system's reasons a save fails, which the one-line message must keep whatever
+# wraps them (Orbax and TensorStore put them deep in long, multi-line messages).
+_OS_REASONS = tuple(os.strerror(e) for e in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS))
+
+
 def _save_error(mngr, error: Exception) -> CheckpointSaveError:
   reason = f'{type(error).__name__}: {str(error).splitlines()[0][:300]}' if str(error) else \
       type(error).__name__
+  text = ' '.join(str(e) for e in _causes(error))
+  reason += ''.join(f'; {r}' for r in _OS_REASONS if r in text and r not in reason)
   return CheckpointSaveError(f'saving a checkpoint to {mngr.directory} failed ({reason}); the run '
                              f'stopped. Free disk space or fix the permissions, then rerun to '
                              f'resume from the last checkpoint ({mngr.all_steps() or "none"}).')
+
+
+def is_reported_save_failure(record: logging.LogRecord) -> bool:
+  """Whether a log record is Orbax's (or its asyncio tasks') report of a write that failed for an
+  operating-system reason: CheckpointSaveError reports the same failure in one line."""
+  noisy = '/orbax/' in record.pathname or record.name == 'asyncio'
+  text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else '')
+  return noisy and record.levelno >= logging.ERROR and any(r in text for r in _OS_REASONS)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from, outermost first."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
 
 
 def _shapes(tree) -> dict[str, list[int]]:

@@ -12,14 +12,17 @@ flags are defined and parsed, and reports a mistake there as several chained tra
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import os
+import signal
 import sys
 import threading
 
 from absl import app, flags
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class UserError(ValueError):
@@ -33,6 +36,29 @@ class MissingFileError(UserError, FileNotFoundError):
 def fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _interrupt(signum, frame) -> None:
+  """Ctrl-C before training installs its own handler (loop.Preemption). Remembered as well as
+  raised: where it lands in a callback (jax's gc callback), nothing can raise it."""
+  _INTERRUPTED.set()
+  raise KeyboardInterrupt
+
+
+def _remember_unraisable_interrupts() -> None:
+  """A Ctrl-C that lands in a callback Python cannot raise from (jax's gc callback) is reported as
+  unraisable, with a traceback; it is only remembered (raise_if_interrupted)."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if u.exc_type is KeyboardInterrupt else hook(u)
+
+
+def raise_if_interrupted() -> None:
+  """Raises KeyboardInterrupt if a Ctrl-C was swallowed during start-up (before the first step)."""
+  if _INTERRUPTED.is_set():
+    raise KeyboardInterrupt
 
 
 def _is_closed_loop_callback(exc_type, exc) -> bool:
@@ -66,8 +92,19 @@ def run(main) -> None:
       return main(argv)
     except UserError as e:
       fail(str(e))
+    except KeyboardInterrupt:  # before training's own handler is installed, or after it
+      print('error: interrupted (Ctrl-C); rerun the same command (a training resumes from its last '
+            'checkpoint)', file=sys.stderr, flush=True)
+      sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      fail(f'{e.strerror} writing {e.filename or "a file"}; free disk space, then rerun the same '
+           'command (a training resumes from its last checkpoint)')
 
   _quiet_closed_loop_callbacks()
+  signal.signal(signal.SIGINT, _interrupt)
+  _remember_unraisable_interrupts()
   app.run(wrapped, flags_parser=parse)
 
 
@@ -107,13 +144,21 @@ def unknown_field(path: str, known) -> UserError:
   return UserError(f'unknown field config.{path}{hint}')
 
 
+def file_config(argv: list[str], default: str, name: str = 'config'):
+  """The config as its file (and the file's arguments) makes it, before any `--config.FIELD`."""
+  return _load_config_file(_flag_value(argv, name) or default)
+
+
+def overridden_fields(argv: list[str], name: str = 'config') -> list[str]:
+  """The fields set on the command line: FIELD of each `--config.FIELD=VALUE`."""
+  prefix = f'--{name}.'
+  return [arg[len(prefix):].split('=', 1)[0] for arg in argv if arg.startswith(prefix)]
+
+
 def check_config_args(argv: list[str], default: str, name: str = 'config') -> None:
   """Raises UserError for a missing config file or a `--config.FIELD` the config does not have."""
-  config = _load_config_file(_flag_value(argv, name) or default)
-  for arg in argv:
-    if not arg.startswith(f'--{name}.'):
-      continue
-    path = arg[len(name) + 3:].split('=', 1)[0]
+  config = file_config(argv, default, name)
+  for path in overridden_fields(argv, name):
     node = config
     for i, part in enumerate(path.split('.')):
       if not hasattr(node, 'keys') or part not in node:

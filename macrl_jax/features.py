@@ -9,7 +9,9 @@ monitor, the tools and the ablation all take their features from `split_features
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import zipfile
 from typing import Callable, Iterable
 
 import jax
@@ -77,9 +79,13 @@ def save(path: str, features: np.ndarray, labels: np.ndarray, **meta) -> None:
   Written beside and then renamed, so that a killed run never leaves a truncated cache file.
   """
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, features=features, labels=labels, **{k: np.asarray(v) for k, v in meta.items()})
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, features=features, labels=labels, **{k: np.asarray(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):  # a full disk: no partial file is left behind
+      os.remove(tmp)
 
 
 def load(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +115,15 @@ def restored_features(restored, split: str, pool: str | None = None,
     return compute()
   path = cache_path(restored, split, pool)
   if os.path.isfile(path):
-    return load(path)
+    try:
+      return load(path)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      logging.warning('The feature cache %s cannot be read (%s); extracting again.', path, e)
   feats, labels = compute()
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save(path, feats, labels, split=split, pool=pool, params=restored.params, step=restored.step)
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      save(path, feats, labels, split=split, pool=pool, params=restored.params, step=restored.step)
+    except OSError as e:  # a read-only workdir or a full disk: the cache is only a speed-up
+      logging.warning('The features could not be cached in %s (%s).', path, e.strerror)
   return feats, labels

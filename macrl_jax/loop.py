@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from clu import metric_writers
 
-from macrl_jax.errors import UserError
+from macrl_jax.errors import UserError, raise_if_interrupted
 
 # Dispatched steps that may be outstanding. A deep queue of dispatched steps can stall the first
 # cross-device reduction with many host devices (seen with 8 CPU devices), and buys nothing: the
@@ -45,6 +45,7 @@ class Preemption:
     self._previous = {}
 
   def __enter__(self):
+    raise_if_interrupted()  # a Ctrl-C during start-up that a library swallowed
     try:
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     except ValueError:  # not in the main thread (e.g. some test runners): no handler
@@ -149,17 +150,36 @@ def run(step_fn: Callable, state: Any, batches: Iterator, *, start_step: int, to
       stop = preemption.requested or mngr.reached_preemption(step)
       if step % every.log == 0 or last:
         record.update(history.means(step, mngr, hint))
-      if evaluate and (step % every.eval == 0 or last):
-        history.check(mngr, hint)  # never evaluate a state after a refused step
-        record.update(evaluate(step, state))
+      saving = step % every.checkpoint == 0 or last or stop
+      evaluating = evaluate and (step % every.eval == 0 or last)
+      if saving or evaluating:
+        history.check(mngr, hint)  # never save or evaluate a state after a refused step
+      if saving:  # before evaluating, so that a failed evaluation costs no training
+        save(step, state)
+      if evaluating:
+        try:
+          record.update(evaluate(step, state))
+        except Exception:
+          _keep_the_step(step, state, record, None if saving else save, writer, mngr)
+          raise
         history.restart_clock()
       if record:
         writer.write_scalars(step, record)
         last_record = {'step': step, **record}
-      if step % every.checkpoint == 0 or last or stop:
-        history.check(mngr, hint)  # never save a state after a refused step
-        save(step, state)
       if stop:
         logging.warning('Stopped by preemption at step %d; rerun the same command to resume.', step)
         break
   return state, step, last_record
+
+
+def _keep_the_step(step: int, state: Any, record: dict, save: Callable | None,
+                   writer: metric_writers.MetricWriter, mngr: ocp.CheckpointManager) -> None:
+  """After a failed evaluation: logs the step's metrics and saves it (`save` None: already
+  started), so that rerunning resumes from this step with nothing lost."""
+  if record:
+    writer.write_scalars(step, record)
+  if save:
+    save(step, state)
+  mngr.wait_until_finished()
+  logging.warning('The evaluation at step %d failed; step %d is saved in %s.', step, step,
+                  mngr.directory)

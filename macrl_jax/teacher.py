@@ -17,14 +17,19 @@ from macrl_jax import checkpoint, mimco, models, workdir
 from macrl_jax.errors import MissingFileError, UserError
 
 
-def resolve(config) -> None:
+def resolve(config, student_workdir: str | None = None) -> None:
   """Fills `config.teacher.spec` from the teacher's config.json (or file) and checks compatibility.
 
   Raises with a clear message for a missing workdir or checkpoint, or a teacher whose patch size or
   image size differs from the student's. Nothing to do for a method without a teacher, or a config
-  whose spec is already filled (a MimCo workdir's own config.json).
+  whose spec is already filled (a MimCo workdir's own config.json). A student resuming in
+  `student_workdir` takes the spec from its own config.json: its checkpoints hold the teacher's
+  variables, so the teacher is not read again (and may have moved).
   """
   if config.method != 'mimco' or config.teacher.spec is not None:
+    return
+  if in_student_checkpoint(student_workdir):
+    config.teacher.spec = workdir.load_config(student_workdir).teacher.spec
     return
   if config.teacher.get('checkpoint'):
     _resolve_file(config)
@@ -60,6 +65,17 @@ def resolve(config) -> None:
       method=teacher.method, image_size=teacher.image_size, model=teacher.model.to_dict()))
 
 
+def in_student_checkpoint(student_workdir: str | None) -> bool:
+  """Whether the student's workdir has a checkpoint, which holds the teacher, and the spec of
+  that teacher in its config.json."""
+  if not student_workdir or not checkpoint.steps(student_workdir):
+    return False
+  try:
+    return workdir.load_config(student_workdir).teacher.get('spec') is not None
+  except ValueError:  # a UserError (no config.json) or a torn config.json
+    return False
+
+
 def _resolve_file(config) -> None:
   """A PyTorch teacher (MoCo v3 layout): built with the student's model fields, cls-pooled as in
   MoCo v3. Reading it here checks every shape before anything compiles."""
@@ -73,14 +89,16 @@ def _read_file(config) -> dict:
   from macrl_jax import interop_files  # only with a file to read (it may need torch)
   path = config.teacher.checkpoint
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.teacher.checkpoint: {path} does not exist')
+    raise MissingFileError(f'config.teacher.checkpoint: {path} does not exist; pass the path of a '
+                           'MoCo v3 checkpoint (.pth.tar), or use --config.teacher.workdir')
   variables = interop_files.load_variables(path, mimco.teacher_config(config),
                                            encoder=config.teacher.params,
                                            interpolate_pos=config.init_interpolate_pos,
                                            parts=('encoder', 'projector'))
   if 'projector' not in variables['params']:
-    raise ValueError(f'config.teacher.checkpoint: {path} has no projector; a MimCo teacher needs '
-                     "MoCo v3's layout (module.base_encoder.head.* / module.momentum_encoder.head.*)")
+    raise UserError(f'config.teacher.checkpoint: {path} has no projector; a MimCo teacher needs '
+                    "MoCo v3's layout (module.base_encoder.head.* / "
+                    'module.momentum_encoder.head.*)')
   return variables
 
 
@@ -100,10 +118,11 @@ def _saved_parts(config, mesh) -> dict:
   return {p + c: {k: abstract[p + c][k] for k in keys} for c, keys in mimco.TEACHER_PARTS.items()}
 
 
-def check_checkpoint(config, mesh) -> None:
+def check_checkpoint(config, mesh, student_workdir: str | None = None) -> None:
   """Checks, reading shapes only, that the teacher's checkpoint holds the parts MimCo needs."""
-  if config.method != 'mimco' or config.teacher.get('checkpoint'):
-    return  # nothing to check, or a PyTorch file: read and checked whole by resolve
+  if (config.method != 'mimco' or config.teacher.get('checkpoint')
+      or in_student_checkpoint(student_workdir)):
+    return  # nothing to check, a PyTorch file (read and checked whole by resolve), or a resume
   workdir.check_state(config.teacher.workdir, _saved_parts(config, mesh), config.teacher.step)
 
 

@@ -60,8 +60,13 @@ def load_config(path: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'{path} has no config.json, so it is not a pre-training workdir (the '
                        f'train program writes config.json when it starts); pass the --workdir of '
                        f'a `python main.py` run')
-  with open(file) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(file) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except ValueError as e:
+    raise WorkdirError(f'{file} cannot be parsed ({e}); it was torn by a crash: rerun the '
+                       f'pre-training, python main.py --workdir={path} ..., which writes it '
+                       'again') from None
   _fill_missing(config, presets.base_config())
   return config
 
@@ -205,19 +210,27 @@ def result_path(path: str, name: str) -> str:
 
 
 def write_result(path: str, result: dict) -> str:
-  """Writes `result` as JSON (process 0 only); returns the path."""
+  """Writes `result` as JSON (process 0 only), whole or not at all; returns the path."""
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
       json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
   return path
 
 
 def report(path: str, result: dict, summary: str) -> str:
-  """Prints the summary and writes `result`, with the command line, as JSON to `path`."""
+  """Prints the summary, then writes `result`, with the command line, as JSON to `path`; a workdir
+  that cannot be written (read-only, full disk) only costs the file, with a warning."""
   result = dict(result, command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-  write_result(path, result)
-  print(summary)
+  print(summary, flush=True)
+  try:
+    write_result(path, result)
+  except OSError as e:
+    py_logging.warning('The result is printed above but could not be written to %s (%s).', path,
+                       e.strerror)
+    return path
   print(f'Written to {path}', flush=True)
   return path
 

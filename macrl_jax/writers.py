@@ -7,6 +7,7 @@ Only process 0 writes files; the other processes log only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -27,9 +28,15 @@ class JsonlWriter(metric_writers.MetricWriter):
     if not (self.enabled and os.path.exists(self.path)):
       return
     with open(self.path) as f:
-      rows = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path, 'w') as f:
-      f.writelines(rows)
+      lines = [line for line in f if line.strip()]
+    rows = [row for row in map(_parse_row, lines) if row is not None]
+    if len(rows) < len(lines):
+      logging.warning('Dropped %d unreadable row(s) of %s (a line torn by a crash or a full disk).',
+                      len(lines) - len(rows), self.path)
+    tmp = f'{self.path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(row, sort_keys=True) + '\n' for row in rows if row['step'] <= step)
+    os.replace(tmp, self.path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if self.enabled:
@@ -63,6 +70,14 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self):
     pass
+
+
+def _parse_row(line: str) -> dict | None:
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) and isinstance(row.get('step'), int) else None
 
 
 def create(logdir: str, is_main: bool, resumed_step: int) -> tuple[metric_writers.MetricWriter,

@@ -125,8 +125,9 @@ def test_a_failed_save_stops_the_run_at_once_with_the_reason(digits_dir, tmp_pat
       train.train_and_evaluate(digits_config(digits_dir, total_steps=8), str(tmp_path / 'wd'))
   finally:
     mutable(ckpts)
-  rows = [json.loads(l) for l in open(tmp_path / 'wd' / 'metrics.jsonl')]
-  assert rows[-1]['step'] <= 4, rows  # stopped at the first or second save, not at the end
+  metrics = tmp_path / 'wd' / 'metrics.jsonl'  # a step's row is written after its save
+  rows = [json.loads(l) for l in open(metrics)] if metrics.exists() else []
+  assert not rows or rows[-1]['step'] <= 4, rows  # stopped at the first or second save
   assert time.time() - start < 240
 
 

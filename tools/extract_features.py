@@ -17,7 +17,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import features, workdir  # noqa: E402
+from macrl_jax import errors, features, workdir  # noqa: E402
 
 workdir.define_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
@@ -33,9 +33,13 @@ def main():
   feats, labels = features.split_features(config, restored.mesh, restored.modules.encoder,
                                          restored.encoder_params, split, pool, _BATCH.value)
   out = os.path.abspath(_OUT.value or features.cache_path(restored, split, pool))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  features.save(out, feats, labels, split=split, pool=pool, params=restored.params,
-                step=restored.step)
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    features.save(out, feats, labels, split=split, pool=pool, params=restored.params,
+                  step=restored.step)
+  except OSError as e:
+    raise errors.UserError(f'cannot write {out} ({e.strerror}); pass --out=FILE.npz in a folder '
+                           'you can write to') from None
   result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
                 num_examples=int(len(labels)), dim=int(feats.shape[1]))
   workdir.report(workdir.result_path(restored.workdir, 'extract_features'), result,

@@ -3,7 +3,7 @@
   python tools/prepare_dataset.py --config=configs/tiny_imagenet.py [--config.FIELD=VALUE ...]
 
 Training prepares the dataset on first use too; preparing ahead is needed before a multi-host run,
-since preparation is not coordinated between processes.
+since a shared file system or a bucket may not lock (runs on one machine wait for each other).
 """
 
 import os

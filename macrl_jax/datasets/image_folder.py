@@ -150,6 +150,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     if not self.builder_config.class_names:
       raise MissingFileError(f'image folder {root}: expected class subfolders in {root}/train')
     split_dirs = [os.path.join(root, s) for s in SPLIT_DIRS if os.path.isdir(os.path.join(root, s))]
+    for split_dir in split_dirs:
+      self._refuse_empty(split_dir)
     # All corrupt files in one message, rather than one per preparation attempt.
     corrupt = []
     for split_dir in split_dirs:
@@ -163,6 +165,20 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       raise CorruptImageError(f'{len(corrupt)} image(s) of {root} cannot be decoded; delete or '
                               f'replace them, then run again: ' + ' | '.join(corrupt))
     return {os.path.basename(d): self._generate_examples(d) for d in split_dirs}
+
+  def _refuse_empty(self, split_dir: str) -> None:
+    """A class folder of train/ without images would be a class without examples, and a split
+    without images fails deep in TFDS: both are refused, naming the folder."""
+    if os.path.basename(split_dir) == 'train':
+      for class_name in _subdirs(split_dir):
+        class_dir = os.path.join(split_dir, class_name)
+        if not any(map(_is_image, os.listdir(class_dir))):
+          raise UserError(f'{class_dir}: class folder without images (files ending in '
+                          f'{" ".join(IMAGE_SUFFIXES)}); add its images or delete the folder')
+    if next(self._images(split_dir), None) is None:
+      raise UserError(f'{split_dir}: no images in its class subfolders ({split_dir}/<class>/'
+                      f'<image>, files ending in {" ".join(IMAGE_SUFFIXES)}); add them or delete '
+                      'the folder')
 
   def _images(self, split_dir: str):
     """(class name, path) of every image of a split, checking its classes against train/'s."""

@@ -7,9 +7,13 @@ prepares it once into `config.data_dir` (default ~/tensorflow_datasets) and reus
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import logging
 import os
 import shutil
+import time
 
 import tensorflow_datasets as tfds
 
@@ -21,6 +25,7 @@ from macrl_jax.errors import MissingFileError, UserError
 
 CATALOGUE = ('cifar10', 'cifar100', 'imagenette')  # TFDS downloads these itself
 FOLDER_PREFIX = 'folder:'
+PREPARE_DEADLINE_S = 6 * 3600  # the longest wait for another process's preparation (imagenet100)
 _PREPARE_COMMAND = ('python tools/prepare_dataset.py --config=<your config> '
                    '[--config.FIELD=VALUE ...]')
 
@@ -138,30 +143,90 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
   data_dir = _data_dir(config)
   manual_dir = _manual_dir(config, data_dir)
   builder = _make_builder(config, data_dir, manual_dir)
+  if not builder.is_prepared() or _folder_changed(builder):
+    with _preparation_lock(builder, data_dir):
+      # Made again: another process may have prepared it while this one waited.
+      builder = _make_builder(config, data_dir, manual_dir)
+      builder = _prepare(builder, config, data_dir, manual_dir)
+  _check_num_classes(builder, config)
+  return builder
+
+
+def _folder_changed(builder) -> bool:
+  return (builder.name == 'image_folder' and builder.is_prepared()
+          and folder_lib.is_stale(builder))
+
+
+@contextlib.contextmanager
+def _preparation_lock(builder, data_dir: str):
+  """Holds `<data_dir>/<dataset>.prepare.lock` while the dataset is prepared, so that two runs
+  started together prepare it once: the second waits for the first (up to PREPARE_DEADLINE_S),
+  then reuses its copy. An flock: the system releases it when its process dies. Buckets (gs://)
+  have no locks: prepare there ahead of time (tools/prepare_dataset.py)."""
+  if '://' in data_dir:
+    yield
+    return
+  name = builder.name + (f'_{builder.builder_config.name}' if builder.builder_config else '')
+  path = os.path.join(data_dir, f'{name}.prepare.lock')
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    lock = open(path, 'a')  # noqa: SIM115 - held for the whole preparation
+  except OSError as e:
+    raise UserError(f'cannot write to the data dir {data_dir} ({e.strerror}); set '
+                    '--config.data_dir to a folder you can write to') from None
+  with lock:
+    _wait_for(lock, path)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _wait_for(lock, path: str) -> None:
+  deadline = time.monotonic() + PREPARE_DEADLINE_S
+  for attempt in itertools.count():
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return
+    except BlockingIOError:
+      pass
+    if time.monotonic() > deadline:
+      raise UserError(f'another process has been preparing this dataset for '
+                      f'{PREPARE_DEADLINE_S // 3600} h (it holds {path}); let it finish, or stop '
+                      'it and run again')
+    if attempt % 60 == 0:
+      logging.warning('Waiting for another process preparing this dataset (it holds %s), at most '
+                      '%d h.', path, PREPARE_DEADLINE_S // 3600)
+    time.sleep(1.0)
+
+
+def _prepare(builder, config, data_dir: str, manual_dir: str) -> tfds.core.DatasetBuilder:
+  """Prepares `builder` if it is not prepared yet; an image folder changed since its preparation is
+  prepared again."""
   folder = builder.name == 'image_folder'
-  if folder and builder.is_prepared() and folder_lib.is_stale(builder):
+  if _folder_changed(builder):
     logging.warning('%s changed since it was prepared in %s; preparing it again.',
                     builder.builder_config.root, builder.data_dir)
     shutil.rmtree(builder.data_dir)
     builder = _make_builder(config, data_dir, manual_dir)
-  if not builder.is_prepared():
-    _check_can_prepare(builder, config, data_dir, manual_dir)
-    try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except folder_lib.CorruptImageError:
-      raise  # already names the file
-    except Exception as e:
-      if builder.name not in CATALOGUE:
-        raise
-      raise UserError(
-          f'dataset {config.dataset!r} is not prepared in {data_dir} and could not be downloaded '
-          f'({type(e).__name__}: {e}). Prepare it where there is internet access: `tfds build '
-          f'{config.dataset} --data_dir={data_dir}` (or `{_PREPARE_COMMAND}`), then copy '
-          f'{data_dir}/{builder.name} here') from e
-    if folder:
-      folder_lib.record_fingerprint(builder)
-  _check_num_classes(builder, config)
+  if builder.is_prepared():
+    return builder
+  _check_can_prepare(builder, config, data_dir, manual_dir)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except UserError:
+    raise  # already names the file or folder
+  except Exception as e:
+    if builder.name not in CATALOGUE:
+      raise
+    raise UserError(
+        f'dataset {config.dataset!r} is not prepared in {data_dir} and could not be downloaded '
+        f'({type(e).__name__}: {e}). Prepare it where there is internet access: `tfds build '
+        f'{config.dataset} --data_dir={data_dir}` (or `{_PREPARE_COMMAND}`), then copy '
+        f'{data_dir}/{builder.name} here') from e
+  if folder:
+    folder_lib.record_fingerprint(builder)
   return builder
 
 
