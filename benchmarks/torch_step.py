@@ -14,7 +14,11 @@ Same model dims, masks, heads, losses, optimizer and EMA as `method=macrl` at th
   InfoNCE ×2τ over the batch, symmetric over the two views; momentum encoder and projector on the
   whole views (key_mask 'none'), updated as an EMA after the optimizer step;
 - AdamW (decoupled weight decay on matmul weights only), the config's learning rate.
+It runs on the GPU when PyTorch sees one, else on CPU; with `config.dtype=bfloat16` under bf16
+autocast (float32 parameters, bf16 matmuls), as ours.
 Prints one JSON line: the median step time and images/s over --steps steps after --warmup.
+`compare` times it in turn with our compiled step (tools/benchmark.py --compare_torch,
+benchmarks/accelerator_check.py).
 Needs the optional requirements (requirements-interop.txt); the product never imports this file.
 """
 
@@ -33,7 +37,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from macrl_jax import models, presets  # noqa: E402  (sincos table and dims only; no JAX runs)
+from macrl_jax import models, presets  # noqa: E402  (sincos table and dims only)
+from macrl_jax.errors import UserError  # noqa: E402
+from macrl_jax.step_timing import time_steps  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -202,10 +208,18 @@ class Macrl(nn.Module):
         q.mul_(m).add_(p.detach(), alpha=1 - m)
 
 
-def make_step(config, compile_model: bool = False):
-  """Returns (step(x1, x2) -> loss, model): one optimizer step of macrl per call."""
+def device() -> str:
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def make_step(config, compile_model: bool = False, compile_backend: str = 'inductor'):
+  """Returns (step(x1, x2) -> loss, model): one optimizer step of macrl per call.
+
+  compile_backend='eager' traces the model with torch.compile without generating code (the
+  accelerator check's dry run: inductor's first compilation takes minutes on a small CPU).
+  """
   torch.manual_seed(config.seed)
-  model = Macrl(config)
+  model = Macrl(config).to(device())
   decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1
            and not n.endswith(('cls', 'mask_token'))]
   no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (
@@ -214,11 +228,14 @@ def make_step(config, compile_model: bool = False):
   optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': o.weight_decay},
                                  {'params': no_decay, 'weight_decay': 0.0}],
                                 lr=o.base_lr * config.batch_size / 256, betas=(o.b1, o.b2))
-  forward = torch.compile(model) if compile_model else model
+  forward = torch.compile(model, backend=compile_backend) if compile_model else model
   momentum = config.momentum_base
+  autocast = torch.autocast(device(), dtype=torch.bfloat16,
+                            enabled=config.dtype == 'bfloat16')
 
   def step(x1, x2):
-    loss = forward(x1, x2)
+    with autocast:
+      loss = forward(x1, x2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -232,7 +249,7 @@ def time_step(step, config, steps: int, warmup: int) -> list[float]:
   """Wall seconds of `steps` steps after `warmup`, on one fixed random batch."""
   rs = np.random.RandomState(0)
   shape = (config.batch_size, 3, config.image_size, config.image_size)
-  x1, x2 = (torch.from_numpy(rs.randn(*shape).astype(np.float32)) for _ in range(2))
+  x1, x2 = (torch.from_numpy(rs.randn(*shape).astype(np.float32)).to(device()) for _ in range(2))
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -243,6 +260,36 @@ def time_step(step, config, steps: int, warmup: int) -> list[float]:
   if not math.isfinite(loss):
     raise FloatingPointError(f"the PyTorch step gave loss {loss}")
   return times
+
+
+def compare(config, step, state, batches, rounds: int, steps: int,
+            modes=('eager', 'compile'), compile_backend: str = 'inductor') -> dict:
+  """Images/s of our compiled step and of this reference (eager, torch.compile), each timed for
+  `steps` steps in turn, `rounds` times, in one process: the ratios are ours / theirs.
+
+  `step` is our compiled step, `batches` an iterator of its batches; `state` is donated.
+  """
+  builders = {'eager': ('torch eager', lambda: make_step(config)[0]),
+              'compile': ('torch.compile', lambda: make_step(
+                  config, compile_model=True, compile_backend=compile_backend)[0])}
+  unknown = sorted(set(modes) - set(builders))
+  if unknown:
+    raise UserError(f'--torch_modes: {unknown} are not among {sorted(builders)}')
+  runners = {builders[m][0]: builders[m][1]() for m in modes}
+  for name, run in runners.items():  # warm-up (torch.compile compiles here)
+    time_step(run, config, steps=1, warmup=2)
+  times = {'ours': [], **{name: [] for name in runners}}
+  for _ in range(rounds):
+    walls, state = time_steps(step, state, batches, 1, steps)
+    times['ours'] += [t.wall for t in walls]
+    for name, run in runners.items():
+      times[name] += time_step(run, config, steps=steps, warmup=1)
+  rate = {k: config.batch_size / statistics.median(v) for k, v in times.items()}
+  ratios = {f'ratio_vs_{k.replace(" ", "_").replace(".", "_")}': round(rate['ours'] / v, 3)
+            for k, v in rate.items() if k != 'ours'}
+  return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()}, **ratios, rounds=rounds,
+              steps_per_round=steps, torch=torch.__version__, torch_device=device(),
+              torch_threads=torch.get_num_threads())
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 """Timing the compiled train step: wall and CPU seconds, random batches, the matmul peak, memory.
 
-Shared by tools/benchmark.py (one config, in depth) and tools/ablate.py (several configs timed
-alternately, for the equal wall-clock budget).
+Shared by tools/benchmark.py (one config, in depth), benchmarks/accelerator_check.py and
+tools/ablate.py (several configs timed alternately, for the equal wall-clock budget).
 """
 
 import resource
@@ -15,9 +15,12 @@ import numpy as np
 
 from macrl_jax import build, sharding
 
-# Dense bf16 peak FLOP/s by device kind (first substring match; the longer names first).
+# Dense bf16 peak FLOP/s by device kind, from the vendors' datasheets (first substring match; the
+# longer names first). The SXM parts are named plainly ('NVIDIA H100 80GB HBM3', 'NVIDIA H200').
 VENDOR_PEAK_BF16 = (
+    ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H200 NVL', 835e12),
     ('H200', 989e12), ('H100', 989e12), ('A100', 312e12),
+    ('TPU v6 lite', 918e12), ('TPU v6e', 918e12),
     ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
     ('TPU v4', 275e12),
 )
@@ -52,6 +55,35 @@ def random_local_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   batch = {f'view{v + 1}': rs.randn(*shape).astype(np.float32) for v in range(config.num_views)}
   batch['label'] = rs.randint(0, config.num_classes, b).astype(np.int32)
   return batch
+
+
+def input_only_rate(config, batches: int) -> tuple[float, object]:
+  """Images/s of the input pipeline alone; returns the (warm) iterator for the step to use."""
+  from macrl_jax import input_pipeline  # lazily: timing the step alone needs no TensorFlow
+  iterator = input_pipeline.create_pretrain_iterator(config, start_step=0)
+  for _ in range(3):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  local = config.batch_size // jax.process_count()
+  return batches * local / (time.perf_counter() - start), iterator
+
+
+def compile_step(step, state, batch):
+  """(the compiled step, its compile seconds): compiled ahead of time so that its compile time and
+  XLA's cost analysis can be read."""
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def xla_flops(compiled, num_devices: int) -> float | None:
+  """XLA's FLOPs of the whole step: its cost analysis is of the per-device (SPMD) program, so
+  work every device repeats (the update of replicated parameters) counts once per device."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops'] * num_devices if cost and 'flops' in cost else None
 
 
 def time_steps(step, state, batches, warmup: int, steps: int):

@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, 'benchmarks')]
@@ -50,8 +49,9 @@ from ml_collections import config_flags  # noqa: E402
 from macrl_jax import flops as flops_lib  # noqa: E402
 from macrl_jax import build, errors, models, prefetch, presets, sharding, teacher  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
-from macrl_jax.step_timing import (matmul_probe, peak_flops, peak_memory,  # noqa: E402
-                                   random_local_batch, repeat, time_steps)
+from macrl_jax.step_timing import (compile_step, input_only_rate, matmul_probe,  # noqa: E402
+                                   peak_flops, peak_memory, random_local_batch, repeat,
+                                   time_steps, xla_flops)
 import step_parts  # noqa: E402  (benchmarks/)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -69,62 +69,6 @@ _TORCH_MODES = flags.DEFINE_list('torch_modes', ['eager', 'compile'],
                                  'PyTorch variants --compare_torch times: eager, compile.')
 _PEAK_SIZE = flags.DEFINE_integer(
     'peak_size', 0, 'Side of the square matmul measuring the peak (0: 2048 on CPU, 8192 else).')
-
-
-# --------------------------------------------------------------------------------------- input
-def input_only_rate(config, batches: int) -> tuple[float, object]:
-  """Images/s of the input pipeline alone; returns the (warm) iterator for the step to use."""
-  from macrl_jax import input_pipeline  # lazily: --synthetic runs without TensorFlow
-  iterator = input_pipeline.create_pretrain_iterator(config, start_step=0)
-  for _ in range(3):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(iterator)
-  local = config.batch_size // jax.process_count()
-  return batches * local / (time.perf_counter() - start), iterator
-
-
-# --------------------------------------------------------------------------------------- the step
-def compile_step(step, state, batch):
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  return compiled, time.perf_counter() - start
-
-
-def xla_flops(compiled, num_devices: int) -> float | None:
-  """XLA's FLOPs of the whole step: its cost analysis is of the per-device (SPMD) program, so
-  work every device repeats (the update of replicated parameters) counts once per device."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return cost['flops'] * num_devices if cost and 'flops' in cost else None
-
-
-# --------------------------------------------------------------------------------------- torch
-def compare_torch(config, step, state, batches, rounds: int, steps: int,
-                  modes=('eager', 'compile')) -> dict:
-  """Images/s of our compiled step and of the PyTorch reference (eager, torch.compile), each
-  timed for `steps` steps in turn, `rounds` times, in this process: the ratios are ours / theirs."""
-  import torch_step  # pylint: disable=g-import-not-at-top
-
-  builders = {'eager': ('torch eager', lambda: torch_step.make_step(config)[0]),
-              'compile': ('torch.compile', lambda: torch_step.make_step(config, compile_model=True)[0])}
-  unknown = sorted(set(modes) - set(builders))
-  if unknown:
-    raise UserError(f'--torch_modes: {unknown} are not among {sorted(builders)}')
-  runners = {builders[m][0]: builders[m][1]() for m in modes}
-  for name, run in runners.items():  # warm-up (torch.compile compiles here)
-    torch_step.time_step(run, config, steps=1, warmup=2)
-  times = {'ours': [], **{name: [] for name in runners}}
-  for _ in range(rounds):
-    walls, state = time_steps(step, state, batches, 1, steps)
-    times['ours'] += [t.wall for t in walls]
-    for name, run in runners.items():
-      times[name] += torch_step.time_step(run, config, steps=steps, warmup=1)
-  rate = {k: config.batch_size / statistics.median(v) for k, v in times.items()}
-  ratios = {f'ratio_vs_{k.replace(" ", "_").replace(".", "_")}': round(rate['ours'] / v, 3)
-            for k, v in rate.items() if k != 'ours'}
-  return dict(images_per_sec={k: round(v, 2) for k, v in rate.items()}, **ratios, rounds=rounds, steps_per_round=steps, torch_threads=torch_step.torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------------------- report
@@ -244,8 +188,9 @@ def main(argv):
   if _COMPARE_TORCH.value:
     if not _SYNTHETIC.value or config.method != 'macrl':
       raise UserError('--compare_torch times method=macrl on a random batch: add --synthetic')
-    result['torch'] = compare_torch(config, compiled, state, batches, _ROUNDS.value, _STEPS.value,
-                                    _TORCH_MODES.value)
+    import torch_step  # pylint: disable=g-import-not-at-top (needs requirements-interop.txt)
+    result['torch'] = torch_step.compare(config, compiled, state, batches, _ROUNDS.value,
+                                         _STEPS.value, _TORCH_MODES.value)
   print_table(result)
   print(json.dumps(result))
 
