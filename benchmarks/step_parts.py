@@ -21,7 +21,7 @@ PARTS = ('online_encoder', 'momentum_encoder', 'decoder', 'heads')
 def part_functions(config, modules, state, batch):
   """Each part of the step as its own function of (params, inputs): online encoder fwd+bwd, the
   momentum encoder (+ projector) forward, decoder fwd+bwd, heads fwd+bwd, over both views."""
-  enc, dec, proj, pred = modules
+  enc, dec, proj, pred = modules[:4]
   n = flops_lib.num_patches(config)
   views = [batch[f'view{v + 1}'] for v in range(config.num_views)]
   masks = [models.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None

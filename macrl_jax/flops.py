@@ -67,15 +67,21 @@ def step_flops(config) -> dict[str, float]:
   n, b = num_patches(config), config.batch_size
   rec, con = presets.uses_reconstruction(config), presets.uses_contrastive(config)
   parts = dict(online_encoder=0.0, momentum_encoder=0.0, decoder=0.0, heads=0.0)
-  for ratio in presets.view_mask_ratios(config):
+  ratios = presets.view_mask_ratios(config)
+  for v, ratio in enumerate(ratios):
     k = presets.num_visible(n, ratio)
     embed, blocks = encoder_forward(config, k)
     parts['online_encoder'] += 2 * embed + 3 * blocks
     if rec and ratio > 0:
       parts['decoder'] += 3 * decoder_forward(config, k)
+    if presets.uses_feature_decoder(config) and ratio > 0:  # runs on all N tokens + cls
+      d = models.vit_dims(config.model)
+      parts['decoder'] += 3 * config.model.feature_decoder_depth * block(n + 1, d['width'],
+                                                                         d['mlp_dim'])
     if con:
       parts['heads'] += 3 * (projector_forward(config) + predictor_forward(config))
-      key_patches = k if config.key_mask == 'same' else n
+      key_patches = {'none': n, 'same': k,
+                     'query': presets.num_visible(n, ratios[1 - v])}[config.key_mask]
       parts['momentum_encoder'] += sum(encoder_forward(config, key_patches)) + projector_forward(config)
   if con:
     # Two InfoNCE terms, logits q·kᵀ against the batch's keys and the queue; the keys get no

@@ -72,7 +72,7 @@ def init_state(config, modules: models.Modules, tx: optax.GradientTransformation
 def make_train_step(config, modules: models.Modules, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics); pure, for the caller to jit."""
-  enc, dec, head, _ = modules
+  enc, dec, head = modules.encoder, modules.decoder, modules.projector
   teacher = teacher_modules(config)
   num_patches = (config.image_size // enc.patch_size) ** 2
   keep = presets.num_visible(num_patches, config.mask_ratio_strong)

@@ -46,3 +46,23 @@ def test_the_time_budget_compares_against_the_reference_epochs_run():
   assert 'macrl: macrl (50.0)' in time_line and 'mae: mae (46.0)' in time_line
   table = comparison.render(results(rows))
   assert '| mae | mae | – | time | 10 |' in table and 'macrl ahead' in table
+
+
+def test_a_metric_added_later_goes_to_its_seeds_place_and_gets_its_columns():
+  r = {'trial': 'macrl', 'method': 'macrl', 'budget': 'epochs', 'overrides': {}, 'steps': 10}
+  comparison.record(r, 0, {'linear_top1': 0.40, 'knn_top1': 0.3})
+  comparison.record(r, 1, {'linear_top1': 0.44, 'knn_top1': 0.3})
+  comparison.record(r, 1, {'finetune_top1': 0.60})  # the fine-tuning metric, seed 1 first
+  assert r['finetune_top1_per_seed'] == [None, 0.60] and r['finetune_top1'] == 0.60
+  comparison.record(r, 0, {'finetune_top1': 0.50})
+  assert r['seeds'] == [0, 1] and r['finetune_top1_per_seed'] == [0.50, 0.60]
+  assert r['finetune_top1'] == pytest.approx(0.55) and r['finetune_top1_std'] == pytest.approx(0.05)
+  rows = {'macrl': r, 'mae': row('mae', [0.30, 0.30])}
+  rows['mae']['finetune_top1_per_seed'] = [0.70, 0.70]
+  comparison.summarize(rows['mae'])
+  table = comparison.render(dict(results(rows), finetune='10 % of the train labels'))
+  assert '| fine-tune top-1 | fine-tune per seed |' in table
+  assert '| 55.0 ± 5.0 | 50.0, 60.0 |' in table
+  assert 'Fine-tune: 10 % of the train labels.' in table
+  assert 'Fine-tuning top-1: macrl − mae: -15.0 points' in table and 'macrl behind' in table
+  assert 'fine-tune' not in comparison.render(results({'mae': row('mae', [0.3])}))

@@ -30,7 +30,11 @@ Probes of every (trial, budget, seed): weighted kNN (k, T of config.knn) and the
 without affine + linear, SGD, `--probe_epochs`) on frozen features; the row keeps each seed's
 figures (`*_per_seed`) and their mean and std. Baselines: raw pixels (logistic regression with C
 chosen by 3-fold cross-validation on the train split, 20-NN by cosine and Euclidean distance) and
-the randomly initialised encoder of each seed. Each run pre-trains into OUT/runs/NAME/BUDGET/seedS
+the randomly initialised encoder of each seed. With --finetune, a third metric: the encoder
+fine-tuned with the recipe of config.finetune (one for every method; `label_fraction` of each class
+of the train split, the same examples for every method and seed; the random encoder at layer_decay
+1), into RUN/finetune_metric, seeded by the pre-training seed; a finished row that lacks it gets it
+on a rerun with the flag. Each run pre-trains into OUT/runs/NAME/BUDGET/seedS
 and is skipped once its row holds that seed, so rerunning the command resumes. Results:
 OUT/results.json and OUT/results.md (`--readme=NAME` also replaces the README block between
 `<!-- ablation:NAME -->` and `<!-- /ablation:NAME -->`).
@@ -62,6 +66,8 @@ flags.DEFINE_list('budgets', ['epochs'], 'epochs and/or time (see the module doc
 flags.DEFINE_string('reference', 'macrl', 'The trial whose step time sets the time budget.')
 flags.DEFINE_integer('timing_rounds', 3, 'Alternating rounds of step timing (time budget).')
 flags.DEFINE_integer('probe_epochs', 100, 'Epochs of the linear probe on cached features.')
+flags.DEFINE_bool('finetune', False, 'Also fine-tune every run with the recipe of config.finetune '
+                  '(its label_fraction of train, the same examples for all): a third metric.')
 flags.DEFINE_bool('report_only', False, 'Only re-render results.md (and README) from results.json.')
 flags.DEFINE_string('readme', None, 'Name of the README block to replace with the table.')
 FLAGS = flags.FLAGS
@@ -113,6 +119,42 @@ def probe(restored, seed: int) -> dict:
   return {'knn_top1': knn.evaluate(train_x, train_y, test_x, test_y, c.num_classes, c.knn.k,
                                    c.knn.temperature)['top1'],
           'linear_top1': linear['top1']}
+
+
+def needs_finetune(row: dict, seed: int) -> bool:
+  """Whether --finetune asks for a figure that the row lacks for `seed`."""
+  if not FLAGS.finetune:
+    return False
+  seeds, values = row.get('seeds', []), row.get('finetune_top1_per_seed', [])
+  return seed not in seeds or seeds.index(seed) >= len(values) or values[seeds.index(seed)] is None
+
+
+def record_finetune(row: dict, seed: int, restored, from_scratch: bool = False) -> bool:
+  """Fine-tunes the restored encoder into the row; False when stopped (a rerun resumes it)."""
+  top1 = comparison.finetune_top1(restored, seed, from_scratch)
+  if top1 is None:
+    logging.warning('Stopped while fine-tuning %s; rerun the same command to resume.',
+                    restored.workdir)
+    return False
+  comparison.record(row, seed, {'finetune_top1': top1})
+  return True
+
+
+def finetune_description(config) -> str:
+  """The fine-tuning metric's recipe, for the table's header."""
+  f = config.finetune
+  return (f'{100 * f.label_fraction:g} % of the train labels (label_seed {f.label_seed}), '
+          f'{f.epochs:g} epochs, batch {f.batch_size}, base_lr {f.base_lr:g}, layer_decay '
+          f'{f.layer_decay:g} (random init: 1), drop_path {f.drop_path:g}, mixup {f.mixup:g}, '
+          f'cutmix {f.cutmix:g}')
+
+
+def dataset_name(config) -> str:
+  """The dataset as the table names it: an image folder by its folder's name, not its path."""
+  name = config.dataset
+  if name.startswith('folder:'):
+    return f'{os.path.basename(name.rstrip("/"))} (image folder)'
+  return name
 
 
 def write_outputs(results):
@@ -172,8 +214,8 @@ def main(argv):
   results.update(protocol=FLAGS.protocol, eval_split=base.test_split, reference=FLAGS.reference,
                  command=' '.join(
       ['python'] + sys.argv), seeds=sorted(set(results.get('seeds', [])) | set(seeds)),
-      budget=f'{base.total_steps} steps × batch {base.batch_size} (epochs), {base.dataset} at '
-             f'{base.image_size} px, variant {base.model.variant}')
+      budget=f'{base.total_steps} steps × batch {base.batch_size} (epochs), {dataset_name(base)} '
+             f'at {base.image_size} px, variant {base.model.variant}')
   rows = results['rows']
 
   if 'pixels' not in rows:
@@ -185,15 +227,23 @@ def main(argv):
         rounds=FLAGS.timing_rounds)
   write_outputs(results)
 
+  if FLAGS.finetune:
+    results['finetune'] = finetune_description(base)
+
   for seed in seeds:
     random_row = rows.setdefault('random init', {'trial': 'random init'})
-    if seed not in random_row.get('seeds', []):
-      scores = probe(workdir.random_init(trial_config({'method': 'macrl'}, seed)), seed)
-      for key, value in scores.items():
-        random_row.setdefault(f'{key}_per_seed', []).append(value)
-      random_row.setdefault('seeds', []).append(seed)
-      comparison.summarize(random_row)
-      write_outputs(results)
+    if seed not in random_row.get('seeds', []) or needs_finetune(random_row, seed):
+      restored = workdir.random_init(trial_config({'method': 'macrl'}, seed))
+      if seed not in random_row.get('seeds', []):
+        comparison.record(random_row, seed, probe(restored, seed))
+        write_outputs(results)
+      # Its fine-tuning checkpoints go beside the runs' (a random init has no workdir).
+      restored = restored._replace(
+          workdir=os.path.join(FLAGS.out, 'runs', 'random_init', f'seed{seed}'))
+      if needs_finetune(random_row, seed):
+        if not record_finetune(random_row, seed, restored, from_scratch=True):
+          return
+        write_outputs(results)
     for budget in FLAGS.budgets:
       for name in names:
         trial = trials[name]
@@ -206,27 +256,26 @@ def main(argv):
         key = name if budget == 'epochs' else f'{name} (equal time)'
         row = rows.setdefault(key, {'trial': name, 'method': trial['method'], 'budget': budget,
                                     'overrides': trial.get('overrides', {}), 'steps': steps})
-        if seed in row.get('seeds', []):
-          continue
         run_dir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
-        config = trial_config(trial, seed, steps)
-        if trial['method'] == 'mimco':
-          config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
-                                                f'seed{seed}')
-        start = time.time()
-        outcome = train.train_and_evaluate(config, run_dir)
-        seconds = time.time() - start
-        if outcome.get('preempted'):
-          # Stopped by SIGTERM or Ctrl-C: the run saved its state; record nothing and stop here.
-          logging.warning('Stopped during trial %s; rerun the same command to resume.', key)
-          return
-        scores = probe(workdir.load_workdir(run_dir), seed)
-        for metric, value in scores.items():
-          row.setdefault(f'{metric}_per_seed', []).append(value)
-        row.setdefault('pretrain_seconds_per_seed', []).append(seconds)
-        row.setdefault('seeds', []).append(seed)
-        comparison.summarize(row)
-        write_outputs(results)
+        if seed not in row.get('seeds', []):
+          config = trial_config(trial, seed, steps)
+          if trial['method'] == 'mimco':
+            config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
+                                                  f'seed{seed}')
+          start = time.time()
+          outcome = train.train_and_evaluate(config, run_dir)
+          seconds = time.time() - start
+          if outcome.get('preempted'):
+            # Stopped by SIGTERM or Ctrl-C: the run saved its state; record nothing and stop here.
+            logging.warning('Stopped during trial %s; rerun the same command to resume.', key)
+            return
+          comparison.record(row, seed, dict(probe(workdir.load_workdir(run_dir), seed),
+                                            pretrain_seconds=seconds))
+          write_outputs(results)
+        if needs_finetune(row, seed):  # also for a run probed before --finetune was given
+          if not record_finetune(row, seed, workdir.load_workdir(run_dir)):
+            return
+          write_outputs(results)
 
 
 if __name__ == '__main__':

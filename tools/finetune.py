@@ -2,7 +2,8 @@ r"""Full fine-tuning of the pre-trained encoder; --from_scratch: the random-init
 
   python tools/finetune.py --workdir=workdirs/tin10_macrl [--epochs=50] [--batch_size=128] \
       [--base_lr=1e-3] [--layer_decay=0.75] [--drop_path=0.1] [--label_smoothing=0.1] \
-      [--mixup=0.8] [--cutmix=1.0] [--pool=cls|mean] [--step=N] [--params=online|momentum]
+      [--mixup=0.8] [--cutmix=1.0] [--pool=cls|mean] [--step=N] [--params=online|momentum] \
+      [--label_fraction=0.1]   # a fixed stratified 10 % of the train labels
   python tools/finetune.py --workdir=workdirs/tin10_macrl --from_scratch  # same budget, random init
 
 AdamW, warm-up + cosine, lr = base_lr · batch / 256, layer-wise lr decay, drop path, label
@@ -38,6 +39,9 @@ flags.DEFINE_float('drop_path', D.drop_path, 'Stochastic depth of the last block
 flags.DEFINE_float('label_smoothing', D.label_smoothing, 'Label smoothing.')
 flags.DEFINE_float('mixup', D.mixup, 'Mixup Beta(a, a) parameter; 0 = off (MAE: 0.8).')
 flags.DEFINE_float('cutmix', D.cutmix, 'Cutmix Beta(a, a) parameter; 0 = off (MAE: 1.0).')
+flags.DEFINE_float('label_fraction', D.label_fraction, 'Fraction of each class of the train split '
+                   'whose labels are used (1 = all), the same examples for every seed.')
+flags.DEFINE_integer('label_seed', D.label_seed, 'The seed that draws the labelled examples.')
 flags.DEFINE_enum('pool', None, ['cls', 'mean'], "Classifier input (default: the config's pool).")
 flags.DEFINE_bool('from_scratch', False, 'Random init instead of the checkpoint (the baseline).')
 flags.DEFINE_integer('seed', D.seed, 'Head init, data order, augmentation, drop path.')
