@@ -8,10 +8,11 @@ inside XLA or a run that trains to nothing.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
-from macrl_jax import methods, models, presets
+from macrl_jax import methods, models, optim, presets
 from macrl_jax.errors import bad_field
 
 _FILE_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.pt', '.tar', '.bin')
@@ -46,7 +47,10 @@ def _check_model(c) -> None:
 def _check_choices(c) -> None:
   """Fields that take one of a few values."""
   for field, value, allowed in (('model.pool', c.model.pool, ('cls', 'mean')),
-                                ('key_mask', c.key_mask, ('none', 'same')),
+                                ('key_mask', c.key_mask, ('none', 'same', 'query')),
+                                ('lambda_rec_schedule', c.lambda_rec_schedule,
+                                 ('constant', 'linear_up', 'linear_down', 'cosine_up',
+                                  'cosine_down')),
                                 ('rec_target', c.rec_target, ('view', 'clean')),
                                 ('rec_loss', c.rec_loss, ('l1', 'l2'))):
     if value not in allowed:
@@ -73,6 +77,8 @@ def _check_files(c) -> None:
   for field, path in (('init', c.get('init')), ('teacher.checkpoint', c.teacher.get('checkpoint'))):
     if path and not path.endswith(_FILE_SUFFIXES):
       raise bad_field(field, f'{path!r} is not a .safetensors or PyTorch (.pth, .pth.tar) file')
+    if path and not os.path.isfile(path):
+      raise bad_field(field, f'{path} does not exist; pass the path of the file')
 
 
 def _check_batches(c, num_devices: int | None) -> None:
@@ -101,6 +107,12 @@ def _check_numbers(c) -> None:
     raise bad_field('aug.blur_reference_size', f'{c.aug.blur_reference_size} must be > 0')
   if not 0.0 <= c.data.holdout_fraction < 1.0:
     raise bad_field('data.holdout_fraction', f'{c.data.holdout_fraction} is outside [0, 1)')
+  for field in ('data.label_fraction', 'finetune.label_fraction'):
+    value = c.data.label_fraction if field.startswith('data') else c.finetune.label_fraction
+    if not 0.0 < value <= 1.0:
+      raise bad_field(field, f'{value} is outside (0, 1]')
+  if c.model.feature_decoder_depth < 0:
+    raise bad_field('model.feature_decoder_depth', f'{c.model.feature_decoder_depth} must be >= 0')
   if c.total_steps <= 0:
     raise bad_field('total_steps', f'{c.total_steps} must be > 0')
   if c.optim.warmup_steps < 0 or c.optim.warmup_steps > c.total_steps:
@@ -115,6 +127,10 @@ def _check_numbers(c) -> None:
   check('optim.base_lr', o.base_lr, lambda v: v > 0, '> 0')
   check('optim.min_lr', o.min_lr, lambda v: 0 <= v <= o.base_lr, f'in [0, base_lr={o.base_lr}]')
   check('optim.weight_decay', o.weight_decay, lambda v: v >= 0, '>= 0')
+  if o.decay_params not in optim.DECAY_PARAMS:
+    raise bad_field('optim.decay_params',
+                    f'{o.decay_params!r} is not one of {", ".join(map(repr, optim.DECAY_PARAMS))}')
+  check('model.cls_init_std', c.model.cls_init_std, lambda v: v >= 0, '>= 0')
   for field in ('b1', 'b2'):
     check(f'optim.{field}', o[field], lambda v: 0 <= v < 1, 'in [0, 1)')
   if o.grad_clip is not None:

@@ -21,27 +21,15 @@ import ml_collections
 import optax
 
 from macrl_jax import (checkpoint, classifier, features, loop, methods, mixup, optim, prefetch,
-                       sharding, writers)
+                       presets, sharding, writers)
 from macrl_jax.accuracy import topk_accuracy
 from macrl_jax.workdir import Restored, WorkdirError
 
 
 def default_args() -> ml_collections.ConfigDict:
-  """The fine-tuning hyperparameters (the tool's flags)."""
-  return ml_collections.ConfigDict(dict(
-      epochs=50.0,
-      batch_size=128,
-      base_lr=1e-3,  # scaled by batch_size / 256
-      min_lr=1e-6,
-      warmup_epochs=5.0,
-      weight_decay=0.05,
-      b1=0.9,
-      b2=0.999,
-      layer_decay=0.75,
-      drop_path=0.1,
-      label_smoothing=0.1,
-      mixup=0.0,  # Beta(α, α) of mixup; 0 = off
-      cutmix=0.0,  # Beta(α, α) of cutmix; 0 = off
+  """The fine-tuning hyperparameters (the tool's flags): presets.finetune_recipe() and the run's."""
+  args = presets.finetune_recipe()
+  args.update(dict(
       pool=ml_collections.FieldReference(None, field_type=str),  # None = the pre-training pool
       from_scratch=False,
       seed=0,
@@ -49,21 +37,25 @@ def default_args() -> ml_collections.ConfigDict:
       checkpoint_every_steps=500,
       eval_batch_size=ml_collections.FieldReference(None, field_type=int),
   ))
+  return args
 
 
 # The arguments a fine-tune cannot change when it resumes (the others only change logging).
 _FIXED = ('epochs', 'batch_size', 'base_lr', 'min_lr', 'warmup_epochs', 'weight_decay', 'b1', 'b2',
           'layer_decay', 'drop_path', 'label_smoothing', 'mixup', 'cutmix', 'pool', 'from_scratch',
-          'seed')
+          'seed', 'label_fraction', 'label_seed')
 
 
 def data_config(config, args):
-  """The pre-training config turned into the fine-tuning input: one weak view, the ft batch."""
+  """The pre-training config turned into the fine-tuning input: one weak view, the ft batch, the
+  labelled part of the train split."""
   c = copy.deepcopy(config)
   c.num_views = 1
   c.aug.view1 = methods.weak_aug()
   c.batch_size = args.batch_size
   c.seed = args.seed
+  c.data.label_fraction = args.get('label_fraction', 1.0)
+  c.data.label_seed = args.get('label_seed', 0)
   return c
 
 
@@ -91,8 +83,10 @@ def build(restored: Restored, args, num_train: int) -> Finetuning:
   warmup = int(round(args.warmup_epochs * steps_per_epoch))
   warmup = min(max(warmup, 1), total_steps - 1)  # ≥ 1: optax logs about a 0-step warm-up
   pool = args.pool or config.model.pool
-  encoder = restored.modules.encoder.clone(drop_path=float(args.drop_path))
-  model = classifier.Classifier(encoder, config.num_classes, pool)
+  model = classifier.Classifier(
+      classifier.finetuning_encoder(restored.modules.encoder, pool, args.drop_path),
+      config.num_classes, pool)
+  encoder = model.encoder
 
   size = config.image_size
   abstract_params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
@@ -121,7 +115,8 @@ def init_state(ft: Finetuning, restored: Restored, args):
   init_rng = jax.random.fold_in(jax.random.PRNGKey(args.seed), 1)
   params = jax.jit(ft.model.init)(init_rng, jnp.zeros((1, size, size, 3)))['params']  # not op by op
   if not args.from_scratch:
-    params = dict(params, encoder=restored.encoder_params)
+    params = dict(params, encoder=classifier.with_pretrained(params['encoder'],
+                                                             restored.encoder_params))
   params = jax.device_put(params, ft.shardings['params'])
   return jax.jit(ft.new_state, out_shardings=ft.shardings)(params)
 
@@ -169,7 +164,8 @@ def _check_same_args(mngr, args, where: str) -> None:
   if not steps:
     return
   saved = checkpoint.read_meta(mngr, max(steps)).get('finetune', {})
-  differ = sorted(k for k in _FIXED if saved.get(k) != args.get(k))
+  defaults = default_args()  # for arguments added since the checkpoint was written
+  differ = sorted(k for k in _FIXED if saved.get(k, defaults.get(k)) != args.get(k))
   if differ:
     raise WorkdirError(
         f'{where} holds a fine-tune with other arguments '
@@ -181,7 +177,8 @@ def finetune(restored: Restored, args, name: str = 'finetune') -> dict:
   """Fine-tunes (or resumes fine-tuning) in `<workdir>/<name>`; returns the test top-1/top-5."""
   from macrl_jax import input_pipeline  # TensorFlow
   config = restored.config
-  ft = build(restored, args, input_pipeline.num_examples(config, config.train_split))
+  data = data_config(config, args)
+  ft = build(restored, args, input_pipeline.num_examples(data, data.train_split))
   ft_dir = os.path.join(restored.workdir, name)
   is_main = jax.process_index() == 0
 
@@ -201,7 +198,7 @@ def finetune(restored: Restored, args, name: str = 'finetune') -> dict:
 
   writer, _ = writers.create(ft_dir, is_main, start)
   batches = prefetch.prefetch_to_mesh(
-      input_pipeline.create_pretrain_iterator(data_config(config, args), start_step=start),
+      input_pipeline.create_pretrain_iterator(data, start_step=start),
       restored.mesh)
   state, step, _ = loop.run(
       ft.step, state, batches, start_step=start, total_steps=ft.total_steps,

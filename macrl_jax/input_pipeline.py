@@ -42,6 +42,11 @@ def num_examples(config, split: str) -> int:
   return splits.num_examples(get_builder(config), config, split)
 
 
+def check_splits(config) -> None:
+  """Prepares the dataset (or says how to) and checks that it has the config's splits."""
+  splits.check_names(get_builder(config), config)
+
+
 # ---------------------------------------------------------------------------------------------
 # Random access to a process's shard of a split.
 
@@ -77,7 +82,7 @@ def _get_source(builder, config, split: str, process_index: int, process_count: 
   else:
     rows = indices[lo:hi]
     key = (os.fspath(builder.data_path), stored, split, data_option(config, 'holdout_fraction', 0),
-           lo, hi)
+           data_option(config, 'label_fraction', 1), data_option(config, 'label_seed', 0), lo, hi)
   if key not in _CACHE:
     load = _disk_source if is_random_access(builder) else _memory_source
     if len(_CACHE) >= _CACHE_SIZE:

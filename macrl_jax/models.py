@@ -95,7 +95,7 @@ class Mask(NamedTuple):
 
 
 def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: float) -> Mask:
-  """Per-example random mask by argsort of uniform noise (MAE): exactly K = round(N(1−r)) visible."""
+  """Per-example random mask by argsort of uniform noise (MAE): exactly K = int(N(1−r)) visible."""
   keep = presets.num_visible(num_patches, mask_ratio)
   noise = jax.random.uniform(rng, (batch, num_patches))
   ids_shuffle = jnp.argsort(noise, axis=1)
@@ -106,22 +106,64 @@ def random_masking(rng: jax.Array, batch: int, num_patches: int, mask_ratio: flo
 
 
 # --------------------------------------------------------------------------------------- blocks
+# PyTorch's nn.Linear default, kaiming_uniform(a=√5): U(±1/√fan_in).
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact GELU, x·Φ(x), as PyTorch's CPU kernel writes it: 0.5·x·(1 + erf(x/√2)). XLA's CPU
+  erf is one short polynomial, about 3× faster than the erfc that jax.nn.gelu(approximate=False)
+  uses (a branch per element); the two differ by float32 rounding (≤ 1e-6 at |x| ≤ 15)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+
+
 def _dense(features, dtype, name=None, use_bias=True):
   return nn.Dense(features, dtype=dtype, use_bias=use_bias, name=name,
                   kernel_init=nn.initializers.xavier_uniform())
 
 
+class DenseParams(nn.Module):
+  """An nn.Dense's parameters ('kernel' [in, out], xavier; 'bias' [out]), for a caller that applies
+  them through an einsum over a reshaped kernel."""
+  features: int
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(), (in_features, self.features))
+    return kernel, self.param('bias', nn.initializers.zeros, (self.features,))
+
+
 class Attention(nn.Module):
+  """Multi-head self-attention; the qkv kernel's output is laid out (three, heads, head_dim), as
+  timm's.
+
+  On CPU the heads are split and merged inside the projections' einsums, so that the attention
+  products see [batch, heads, tokens, head_dim] from the start: XLA then needs none of the layout
+  copies around a separate split and merge (about a sixth of a small model's step). On
+  accelerators jax.nn.dot_product_attention, which may pick a fused kernel.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    d = x.shape[-1]
-    qkv = _dense(3 * d, self.dtype, 'qkv')(x)
-    q, k, v = einops.rearrange(qkv, 'b t (three h e) -> three b t h e', three=3, h=self.num_heads)
-    out = jax.nn.dot_product_attention(q, k, v)  # fused kernel where the backend has one
-    return _dense(d, self.dtype, 'out')(einops.rearrange(out, 'b t h e -> b t (h e)'))
+    d, h = x.shape[-1], self.num_heads
+    e = d // h
+    w_qkv, b_qkv = DenseParams(3 * d, name='qkv')(d)
+    w_out, b_out = DenseParams(d, name='out')(d)
+    x, w_qkv, b_qkv, w_out, b_out = (a.astype(self.dtype) for a in (x, w_qkv, b_qkv, w_out, b_out))
+    if jax.default_backend() != 'cpu':
+      q, k, v = einops.rearrange(x @ w_qkv + b_qkv, 'b t (three h e) -> three b t h e', three=3, h=h)
+      out = jax.nn.dot_product_attention(q, k, v)
+      return einops.rearrange(out, 'b t h e -> b t (h e)') @ w_out + b_out
+    # One product per q, k, v: slicing the kernel costs nothing, slicing a fused output a copy.
+    w_qkv, b_qkv = w_qkv.reshape(d, 3, h, e), b_qkv.reshape(3, h, 1, e)
+    q, k, v = (jnp.einsum('btd,dhe->bhte', x, w_qkv[:, i]) + b_qkv[i] for i in range(3))
+    q = q * (e ** -0.5)
+    logits = jnp.einsum('bhqe,bhke->bhqk', q, k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bhke->bhqe', probs, v)
+    return jnp.einsum('bhqe,hed->bqd', out, w_out.reshape(h, e, d)) + b_out
 
 
 class Block(nn.Module):
@@ -139,7 +181,7 @@ class Block(nn.Module):
     x = x + self.drop(y, rate, train)
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = _dense(self.mlp_dim, self.dtype, 'mlp_in')(y)
-    y = _dense(x.shape[-1], self.dtype, 'mlp_out')(nn.gelu(y, approximate=False))
+    y = _dense(x.shape[-1], self.dtype, 'mlp_out')(gelu(y))
     return x + self.drop(y, rate, train)
 
   def drop(self, y, rate, train: bool):
@@ -159,6 +201,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -169,7 +212,7 @@ class Transformer(nn.Module):
     else:
       for i, rate in enumerate(rates):
         x = block(self.num_heads, self.mlp_dim, rate, self.dtype, name=f'block{i:02d}')(x, train)
-    return nn.LayerNorm(dtype=self.dtype, name='norm')(x)
+    return nn.LayerNorm(dtype=self.dtype, name='norm')(x) if self.final_norm else x
 
   def scanned(self, block, x, rates, train: bool):
     """The blocks as one nn.scan: one block is traced and compiled, then run `depth` times over
@@ -191,6 +234,9 @@ class Encoder(nn.Module):
   """ViT that embeds and runs only the visible patches (plus a cls token).
 
   Returns the final-normed tokens [B, 1 + K, D] (K = N when `ids_keep` is None), in float32.
+  Pre-training keeps the position embeddings the fixed sin-cos table; fine-tuning
+  (`learned_pos`) trains them from that table, cls position included, as MAE's fine-tuning does,
+  and MAE's global-pool classifier drops the final norm (`final_norm=False`).
   """
   patch_size: int
   width: int
@@ -201,22 +247,30 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  cls_init_std: float = 0.02  # MAE 0.02, MoCo v3 1e-6
+  learned_pos: bool = False
+  final_norm: bool = True
 
   @nn.compact
   def __call__(self, images, ids_keep=None, train: bool = False):
     patches = patchify(images, self.patch_size)
     grid = images.shape[1] // self.patch_size
+    cls = self.param('cls', nn.initializers.normal(self.cls_init_std), (1, 1, self.width))
     pos = jnp.asarray(sincos_2d(self.width, grid))[None]
+    if self.learned_pos:
+      # The cls row starts at zero, as in MAE's table; it is trained with the rest.
+      table = self.param('pos_embedding', lambda *_: jnp.concatenate(
+          [jnp.zeros((1, 1, self.width)), pos], axis=1))
+      cls, pos = cls + table[:, :1], table[:, 1:]
     if ids_keep is not None:
       # Gather before embedding, so that masked patches cost nothing at all.
       patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
       pos = jnp.take_along_axis(jnp.broadcast_to(pos, (ids_keep.shape[0],) + pos.shape[1:]),
                                 ids_keep[..., None], axis=1)
     x = _dense(self.width, self.dtype, 'embedding')(patches) + pos
-    cls = self.param('cls', nn.initializers.normal(0.02), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype), x], 1)
     x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.drop_path, self.dtype,
-                    self.remat, self.scan, name='transformer')(x, train)
+                    self.remat, self.scan, self.final_norm, name='transformer')(x, train)
     return x.astype(jnp.float32)
 
 
@@ -251,11 +305,71 @@ class Decoder(nn.Module):
     return _dense(self.out_dim, self.dtype, 'pred')(x[:, 1:]).astype(jnp.float32)
 
 
+class FeatureDecoder(nn.Module):
+  """CMAE's feature decoder: completes a masked view's encoder tokens [B, 1 + K, D] to all N
+  positions (a learned mask token at each masked one, unshuffled, plus the position embeddings)
+  through `depth` blocks at the encoder's width → [B, 1 + N, D], pooled for the contrastive query.
+  """
+  num_patches: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, ids_restore):
+    width = tokens.shape[-1]
+    cls, vis = tokens[:, :1], tokens[:, 1:]
+    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, width))
+    fill = jnp.broadcast_to(mask_token, (tokens.shape[0], self.num_patches - vis.shape[1], width))
+    x = jnp.take_along_axis(jnp.concatenate([vis, fill.astype(vis.dtype)], 1),
+                            ids_restore[..., None], axis=1)
+    grid = int(round(np.sqrt(self.num_patches)))
+    x = jnp.concatenate([cls, x + sincos_2d(width, grid)[None]], 1)
+    x = Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                    name='transformer')(x)
+    return x.astype(jnp.float32)
+
+
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm1d over axis 0: normalises with the biased batch variance and tracks the
+  unbiased one in its running variance (flax's nn.BatchNorm tracks the biased one). Same variable
+  names as nn.BatchNorm ('scale', 'bias'; 'mean', 'var')."""
+  use_running_average: bool
+  momentum: float = 0.9  # of the running average: torch's momentum 0.1
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      x32 = x.astype(jnp.float32)
+      mean, var = x32.mean(axis=0), x32.var(axis=0)
+      if not self.is_initializing():
+        n = x.shape[0]
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var * (n / max(n - 1, 1))
+    y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      y = y * self.param('scale', nn.initializers.ones, (features,))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (features,))
+    return y.astype(self.dtype)
+
+
 class MLPHead(nn.Module):
   """MoCo v3 projector/predictor: (Linear-BN-ReLU)×(L−1) then Linear-BN without affine.
 
   BatchNorm statistics are those of the global batch (the step is one jit over the mesh, so XLA
-  reduces across devices, as SyncBN does).
+  reduces across devices, as SyncBN does). The linear layers keep PyTorch's default nn.Linear
+  initialisation, U(±1/√fan_in), as MoCo v3's heads do.
   """
   hidden: int
   out: int
@@ -264,11 +378,12 @@ class MLPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    bn = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, **kw)
+    bn = lambda **kw: BatchNorm(use_running_average=not train, dtype=self.dtype, **kw)
+    dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype, name=name,
+                                            kernel_init=TORCH_LINEAR_INIT)
     for i in range(self.num_layers - 1):
-      x = _dense(self.hidden, self.dtype, f'dense{i}', use_bias=False)(x)
-      x = nn.relu(bn(name=f'bn{i}')(x))
-    x = _dense(self.out, self.dtype, f'dense{self.num_layers - 1}', use_bias=False)(x)
+      x = nn.relu(bn(name=f'bn{i}')(dense(self.hidden, f'dense{i}')(x)))
+    x = dense(self.out, f'dense{self.num_layers - 1}')(x)
     return bn(use_scale=False, use_bias=False, name=f'bn{self.num_layers - 1}')(x).astype(jnp.float32)
 
 
@@ -279,6 +394,7 @@ class Modules(NamedTuple):
   decoder: Decoder | None
   projector: MLPHead | None
   predictor: MLPHead | None
+  feature_decoder: FeatureDecoder | None = None  # macrl with model.feature_decoder_depth > 0
 
 
 def make_modules(config) -> Modules:
@@ -286,7 +402,7 @@ def make_modules(config) -> Modules:
   dtype = jnp.dtype(config.dtype)
   m = config.model
   encoder = Encoder(dims['patch_size'], dims['width'], dims['depth'], dims['num_heads'],
-                    dims['mlp_dim'], m.drop_path, dtype, m.remat, m.scan)
+                    dims['mlp_dim'], m.drop_path, dtype, m.remat, m.scan, m.cls_init_std)
   num_patches = (config.image_size // dims['patch_size']) ** 2
   decoder = projector = predictor = None
   if presets.uses_reconstruction(config):
@@ -295,7 +411,11 @@ def make_modules(config) -> Modules:
   if presets.uses_contrastive(config):
     projector = MLPHead(m.proj_hidden, m.proj_dim, 3, dtype)
     predictor = MLPHead(m.pred_hidden, m.proj_dim, 2, dtype)
-  return Modules(encoder, decoder, projector, predictor)
+  feature_decoder = None
+  if presets.uses_feature_decoder(config):
+    feature_decoder = FeatureDecoder(num_patches, m.feature_decoder_depth, dims['num_heads'],
+                                     dims['mlp_dim'], dtype)
+  return Modules(encoder, decoder, projector, predictor, feature_decoder)
 
 
 def init_variables(modules: Modules, config, rng: jax.Array) -> dict:
@@ -311,6 +431,11 @@ def init_variables(modules: Modules, config, rng: jax.Array) -> dict:
     enc_tokens = jnp.zeros((2, 2, modules.encoder.width), jnp.float32)
     ids_restore = jnp.tile(jnp.arange(modules.decoder.num_patches), (2, 1))
     params['decoder'] = modules.decoder.init(rngs['decoder'], enc_tokens, ids_restore)['params']
+  if modules.feature_decoder is not None:
+    enc_tokens = jnp.zeros((2, 2, modules.encoder.width), jnp.float32)
+    ids_restore = jnp.tile(jnp.arange(modules.feature_decoder.num_patches), (2, 1))
+    params['feature_decoder'] = modules.feature_decoder.init(
+        jax.random.fold_in(rng, 5), enc_tokens, ids_restore)['params']
   for name in ('projector', 'predictor'):
     head = getattr(modules, name)
     if head is not None:

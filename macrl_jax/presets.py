@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
       # the split named 'holdout', for choosing hyperparameters without touching test_split; with
       # it, train_split means the rest. 0 = train_split whole.
       holdout_fraction=0.0,
+      # A fraction of each class of train_split (after the holdout) that train_split then means:
+      # fine-tuning's labelled subset (finetune.label_fraction sets it there). Drawn with
+      # label_seed, so the same examples for every method and config.seed. 1 = all of it.
+      label_fraction=1.0,
+      label_seed=0,
   ))
 
   # Model.
@@ -62,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
       mlp_dim=ml_collections.FieldReference(None, field_type=int),
       drop_path=0.0,
       pool='cls',  # 'cls' | 'mean' (ours)
+      cls_init_std=0.02,  # std of the cls token's normal init: MAE 0.02, MoCo v3 1e-6
       remat=False,
       # nn.scan over the transformer blocks (encoder and decoder): one block compiled instead of
       # `depth`, for large models' compile time; params are stacked ('blocks', leading depth axis).
@@ -72,15 +78,26 @@ def base_config() -> ml_collections.ConfigDict:
       proj_hidden=1024,
       proj_dim=256,
       pred_hidden=1024,
+      # macrl: blocks that complete a masked view's tokens (visible tokens + mask tokens + position
+      # embeddings, at the encoder's width and heads) before pooling for the contrastive query, as
+      # CMAE's feature decoder does (ours). 0 = none: the query pools the visible tokens.
+      feature_decoder_depth=0,
   ))
   c.dtype = 'float32'  # matmul dtype; parameters stay float32
 
   # Method fields.
   c.mask_ratio_strong = 0.75  # view 1
   c.mask_ratio_weak = 0.25  # view 2 (ours)
-  c.key_mask = 'none'  # 'none' | 'same' (ours)
+  # What the momentum encoder sees for the key of each view (ours): 'none' the full view; 'same'
+  # the view masked as its own online branch (the other branch's input, for the query it meets);
+  # 'query' the view masked with the mask of the query it is compared with (the patch positions
+  # that query sees).
+  c.key_mask = 'none'
   c.lambda_con = 1.0  # (ours)
   c.lambda_rec = 1.0  # (ours)
+  # λ_rec over training: lambda_rec × f(step / total_steps), f = 1 ('constant'), or a ramp from 0
+  # to 1 ('linear_up', 'cosine_up') or a decay from 1 to 0 ('linear_down', 'cosine_down') (ours).
+  c.lambda_rec_schedule = 'constant'
   c.temperature = 0.2
   c.rec_loss = 'l1'  # 'l1' | 'l2'
   # What a masked view reconstructs: 'view' its own (distorted) pixels, 'clean' the same crop and
@@ -115,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
       min_lr=0.0,
       warmup_steps=100,
       weight_decay=0.05,
+      # Which parameters are decayed: 'weights' every one but biases and norms (timm's rule, as MAE
+      # uses it: cls and mask tokens too), 'all' (MoCo v3 hands every parameter to AdamW),
+      # 'kernels' the matmul kernels only.
+      decay_params='weights',
       b1=0.9,
       b2=0.95,
       grad_clip=ml_collections.FieldReference(None, field_type=float),
@@ -135,7 +156,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, eval_batch_size=256))
+  # The fine-tuning metric of tools/ablate.py --finetune: one recipe for every method and seed.
+  c.finetune = finetune_recipe()
   return c
+
+
+def finetune_recipe() -> ml_collections.ConfigDict:
+  """Fine-tuning hyperparameters: tools/finetune.py's flag defaults (MAE's recipe at small
+  scale) and config.finetune, the recipe of the ablation's fine-tuning metric."""
+  return ml_collections.ConfigDict(dict(
+      epochs=50.0,  # over the labelled examples
+      batch_size=128,
+      base_lr=1e-3,  # scaled by batch_size / 256
+      min_lr=1e-6,
+      warmup_epochs=5.0,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+      layer_decay=0.75,
+      drop_path=0.1,
+      label_smoothing=0.1,
+      mixup=0.0,  # Beta(α, α) of mixup; 0 = off
+      cutmix=0.0,  # Beta(α, α) of cutmix; 0 = off
+      # A stratified fraction of each class of the train split whose labels are used (1 = all),
+      # drawn with label_seed: the same examples whatever the pre-training or fine-tuning seed.
+      label_fraction=1.0,
+      label_seed=0,
+  ))
 
 
 def set_field(c: ml_collections.ConfigDict, dotted: str, value) -> None:
@@ -144,6 +191,25 @@ def set_field(c: ml_collections.ConfigDict, dotted: str, value) -> None:
   for name in parents:
     c = c[name]
   c[leaf] = value
+
+
+# Fields whose value in a config file is given for that file's total_steps: when the command line
+# changes the length but not them, they keep their share of it (as MAE gives its warm-up in
+# epochs). Only a contradiction between fields the user set is an error (config_checks).
+FOLLOW_LENGTH = ('optim.warmup_steps',)
+
+
+def follow_the_user(c: ml_collections.ConfigDict, file_config: ml_collections.ConfigDict,
+                    user_fields) -> None:
+  """Scales the FOLLOW_LENGTH fields the user did not set to the total_steps they did set."""
+  if 'total_steps' not in user_fields or c.total_steps == file_config.total_steps:
+    return
+  for dotted in FOLLOW_LENGTH:
+    if dotted not in user_fields:
+      value = file_config
+      for name in dotted.split('.'):
+        value = value[name]
+      set_field(c, dotted, round(value * c.total_steps / file_config.total_steps))
 
 
 # ----------------------------------------------------------------------- config file arguments
@@ -181,8 +247,9 @@ def parse_arg(arg: str | None) -> dict[str, str]:
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
-  """Visible tokens per example: round(N · (1 − ratio))."""
-  return int(round(num_patches * (1.0 - mask_ratio)))
+  """Visible tokens per example: int(N · (1 − ratio)), truncated in float64 as MAE's
+  `random_masking` computes it (N = 196, ratio 0.9 → 19)."""
+  return int(num_patches * (1.0 - mask_ratio))
 
 
 def _trains(c, weight: str) -> bool:
@@ -198,6 +265,12 @@ def uses_contrastive(c) -> bool:
 def uses_reconstruction(c) -> bool:
   """Whether the step reconstructs masked pixels (and has the pixel decoder)."""
   return _trains(c, 'lambda_rec')
+
+
+def uses_feature_decoder(c) -> bool:
+  """Whether the contrastive query of a masked view passes the feature decoder (and it exists)."""
+  return (c.model.get('feature_decoder_depth', 0) > 0 and uses_contrastive(c)
+          and any(view_mask_ratios(c)))
 
 
 def view_mask_ratios(c) -> list[float]:

@@ -36,23 +36,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     raise UserError(f'config.batch_size: {config.batch_size} is not divisible by the '
                     f'{jax.process_count()} processes')
   is_main = jax.process_index() == 0
-  teacher.resolve(config)  # mimco: the teacher's architecture, which goes into config.json
-  teacher.check_checkpoint(config, mesh)
+  workdir = os.path.abspath(workdir)
+  # mimco: the teacher's architecture, which goes into config.json (a resumed student has its
+  # teacher in its own checkpoint)
+  teacher.resolve(config, workdir)
+  teacher.check_checkpoint(config, mesh, workdir)
 
   # ---------------------------------------------------------------- workdir
-  workdir = os.path.abspath(workdir)
   if is_main:
     workdir_setup.prepare(workdir)
   with workdir_setup.WorkdirLock(workdir, enabled=is_main):
-    if is_main:
-      workdir_setup.write_config(config, workdir)
     return _train(config, workdir, mesh, is_main)
 
 
 def _train(config, workdir: str, mesh, is_main: bool) -> dict[str, Any]:
   # ---------------------------------------------------------------- data
   from macrl_jax import input_pipeline  # the only TensorFlow importer
-  input_pipeline.get_builder(config)  # prepares the dataset once, or says how to
+  input_pipeline.check_splits(config)  # prepares the dataset once (or says how to), then checks it
 
   # ---------------------------------------------------------------- model
   method = build.METHODS[config.method]
@@ -88,6 +88,8 @@ def _train(config, workdir: str, mesh, is_main: bool) -> dict[str, Any]:
     state, meta = restored
     start_step = int(meta['step'])
     logging.info('Resumed from step %d of %s', start_step, workdir)
+  if is_main:  # every check has passed: config.json says what this run does
+    workdir_setup.write_config(config, workdir, fresh=restored is None)
 
   def save(step, state):
     checkpoint.save(mngr, step, state, {'data_position': step, 'method': config.method,

@@ -31,6 +31,21 @@ def momentum_at(step, total_steps: int, base: float):
   return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * frac) + 1.0) / 2.0
 
 
+def lambda_rec_factor(step, total_steps: int, schedule: str):
+  """The multiplier of lambda_rec at `step` (config.lambda_rec_schedule): 1, or a ramp from 0 to 1
+  ('*_up') or a decay from 1 to 0 ('*_down') over training, linear or half-cosine."""
+  frac = jnp.minimum(step / max(total_steps, 1), 1.0)
+  shape, direction = schedule.split('_')
+  rising = frac if shape == 'linear' else (1.0 - jnp.cos(jnp.pi * frac)) / 2.0
+  return rising if direction == 'up' else 1.0 - rising
+
+
+def key_masks(key_mask: str, masks: list) -> list:
+  """The mask of each view's momentum key (config.key_mask); None: the full view. The key of view
+  v meets the query of the other view, so 'query' masks it with that view's mask."""
+  return {'none': [None] * len(masks), 'same': list(masks), 'query': masks[::-1]}[key_mask]
+
+
 def init_state(config, modules: models.Modules, tx: optax.GradientTransformation,
                rng: jax.Array) -> State:
   init_rng, run_rng, queue_rng = jax.random.split(rng, 3)
@@ -52,7 +67,7 @@ def init_state(config, modules: models.Modules, tx: optax.GradientTransformation
 def make_train_step(config, modules: models.Modules, tx: optax.GradientTransformation,
                     lr_fn: optax.Schedule) -> Callable[[State, dict], tuple]:
   """Returns train_step(state, batch) -> (state, metrics); pure, for the caller to jit."""
-  enc, dec, proj, pred = modules
+  enc, dec, proj, pred, fdec = modules
   patch = enc.patch_size
   num_patches = (config.image_size // patch) ** 2
   ratios = presets.view_mask_ratios(config)
@@ -69,8 +84,8 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
   def momentum_keys(state, views, masks):
     """k_i = P'(pool(E'(x_i))): the momentum branch, outside the gradient."""
     ema, ema_stats, keys = state['ema_params'], state['ema_batch_stats'], []
-    for x, mask in zip(views, masks):
-      ids = mask.ids_keep if (config.key_mask == 'same' and mask is not None) else None
+    for x, mask in zip(views, key_masks(config.key_mask, masks)):
+      ids = None if mask is None else mask.ids_keep
       z = enc.apply({'params': ema['encoder']}, x, ids)
       k, up = proj.apply({'params': ema['projector'], 'batch_stats': ema_stats['projector']},
                          models.pool(z, config.model.pool), mutable=['batch_stats'])
@@ -89,12 +104,19 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
             recon, models.patchify(target, patch), mask.mask, norm_pix=config.norm_pix_loss,
             kind=config.rec_loss))
       if con:
+        if fdec is not None and mask is not None:  # complete the masked tokens first (CMAE)
+          z = fdec.apply({'params': params['feature_decoder']}, z, mask.ids_restore)
         q, batch_stats = heads(params, batch_stats, models.pool(z, config.model.pool))
         qs.append(q)
     total = 0.0
     if rec:
       terms['loss_rec'] = sum(rec_losses) / len(rec_losses)
-      total += config.lambda_rec * terms['loss_rec']
+      lambda_rec = config.lambda_rec
+      if config.lambda_rec_schedule != 'constant':
+        lambda_rec *= lambda_rec_factor(state['step'], config.total_steps,
+                                        config.lambda_rec_schedule)
+        terms['lambda_rec'] = lambda_rec
+      total += lambda_rec * terms['loss_rec']
     if con:
       queue = state.get('queue')
       l12, a12 = losses.infonce(qs[0], keys[1], config.temperature, queue)
@@ -114,7 +136,9 @@ def make_train_step(config, modules: models.Modules, tx: optax.GradientTransform
     # One random mask per view and per image.
     masks = [models.random_masking(jax.random.fold_in(rng, v), size, num_patches, r) if r > 0
              else None for v, r in enumerate(ratios)]
-    m = momentum_at(step, config.total_steps, config.momentum_base)
+    # The EMA after step t takes m(t + 1), as MoCo v3 updates its momentum encoder at the start
+    # of iteration t + 1 with that iteration's momentum.
+    m = momentum_at(step + 1, config.total_steps, config.momentum_base)
 
     keys = ema_stats = None
     if con:

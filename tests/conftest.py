@@ -83,7 +83,8 @@ def default_run(tmp_path_factory):
 # Files whose tests call functions in-process on small arrays; the others train, restore or run
 # the programs in subprocesses.
 UNIT_FILES = {'test_comparison.py', 'test_flops.py', 'test_imports.py', 'test_losses.py', 'test_models.py',
-              'test_prefetch.py', 'test_train_step.py', 'test_input_pipeline.py'}
+              'test_prefetch.py', 'test_train_step.py', 'test_input_pipeline.py',
+              'test_macrl_variants.py', 'test_study_data.py'}
 
 
 # Module-scoped runs that several tests of their module share. With `-n 2 --dist loadgroup` the
@@ -95,6 +96,8 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: runs the real default command (minutes)')
   config.addinivalue_line('markers', 'unit: in-process, small arrays (seconds)')
   config.addinivalue_line('markers', 'integration: trains, restores or runs a program')
+  config.addinivalue_line('markers', 'accelerator: the numerical checks that '
+                          'benchmarks/accelerator_check.py runs on a GPU or TPU')
 
 
 # The longest tests (a minute or more each on two cores) start first, so that the two workers
@@ -103,6 +106,7 @@ LONGEST = ['test_two_processes_train_like_one',
            'test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun',
            'test_resume_after_sigterm_equals_an_uninterrupted_run',
            'test_ablate_stopped_mid_trial_records_nothing_and_resumes',
+           'test_accelerator_check_dry_run_reports_every_section',
            'test_each_config_builds_and_runs_two_steps']
 
 

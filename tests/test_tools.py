@@ -434,10 +434,24 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert read_json(out / 'results.json')['rows'] == rows
   assert logs == {n: run(n, 0).joinpath('metrics.jsonl').read_text() for n in ('qm', 'mimco')}
 
-  # Equal time: mae (cheaper per step than macrl) gets proportionally more steps.
+  # Equal time: mae (cheaper per step than macrl) gets proportionally more steps. With the
+  # fine-tuning metric (4 steps on 10 % of the labels), which the finished random-init row of
+  # seed 0 gets too.
+  recipe = {'label_fraction': 0.1, 'epochs': 1, 'warmup_epochs': 0.25, 'batch_size': 32}
   tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm', '--runs=qm,mae',
-       '--timing_rounds=1', '--probe_epochs=2')
+       '--timing_rounds=1', '--probe_epochs=2', '--finetune',
+       *[f'--config.finetune.{k}={v}' for k, v in recipe.items()])
   results = read_json(out / 'results.json')
+  assert results['finetune'].startswith('10 % of the train labels (label_seed 0), 1 epochs')
+  for name, seeds in (('mae (equal time)', [0]), ('random init', [0, 1])):
+    row = results['rows'][name]
+    assert row['seeds'] == seeds and row['finetune_top1_per_seed'][1:] == [None] * (len(seeds) - 1)
+    assert 0.0 <= row['finetune_top1_per_seed'][0] == row['finetune_top1'] <= 1.0
+  ft = read_json(out / 'runs' / 'mae' / 'time' / 'seed0' / 'finetune_metric' / 'args.json')
+  assert (ft['label_fraction'], ft['layer_decay'], ft['seed']) == (0.1, 0.75, 0)
+  ft = read_json(out / 'runs' / 'random_init' / 'seed0' / 'finetune_metric' / 'args.json')
+  assert ft['layer_decay'] == 1.0
+  assert 'fine-tune per seed' in (out / 'results.md').read_text()
   t = results['step_seconds']
   assert t['mae'] < t['qm']
   assert results['rows']['mae (equal time)']['steps'] == round(4 * t['qm'] / t['mae']) > 4

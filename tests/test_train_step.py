@@ -25,6 +25,13 @@ def test_eight_host_devices_are_there():
   assert jax.device_count() == 8, 'tests/conftest.py sets XLA_FLAGS before jax is imported'
 
 
+def sharded_devices():
+  """Every device; on a machine with one accelerator, the 8 host CPU devices (XLA_FLAGS), so that
+  the accelerator's step is compared with a sharded one (benchmarks/accelerator_check.py)."""
+  return jax.devices() if jax.device_count() > 1 else jax.devices('cpu')
+
+
+@pytest.mark.accelerator
 @pytest.mark.parametrize('fsdp', [False, True])
 @pytest.mark.parametrize('method', ['macrl', 'mocov3'])
 def test_sharded_step_equals_single_device(method, fsdp):
@@ -32,7 +39,7 @@ def test_sharded_step_equals_single_device(method, fsdp):
   config.optim.base_lr = 1e-3
   one, m1 = run_steps(config, jax.devices()[:1], num_steps=2)
   config.sharding.fsdp = fsdp
-  eight, m8 = run_steps(config, jax.devices(), num_steps=2)
+  eight, m8 = run_steps(config, sharded_devices(), num_steps=2)
   for a, b in zip(m1, m8):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a['grad_norm'], b['grad_norm'], rtol=1e-4)
@@ -86,7 +93,8 @@ def test_momentum_update_is_ema_of_updated_online():
   new, metrics = built.step(state, sharding.make_global_batch(fixed_batch(config, 1), mesh))
   new = jax.device_get(new)
   m = float(metrics['momentum'])
-  np.testing.assert_allclose(m, train_step.momentum_at(1, config.total_steps, config.momentum_base),
+  # The step from 1 to 2 takes m(2): MoCo v3's momentum at the start of its iteration 2.
+  np.testing.assert_allclose(m, train_step.momentum_at(2, config.total_steps, config.momentum_base),
                              rtol=1e-6)
   for name in ('encoder', 'projector'):
     expected = jax.tree.map(lambda e, o: m * e + (1 - m) * o, old['ema_params'][name], new['params'][name])
