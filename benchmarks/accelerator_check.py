@@ -228,7 +228,10 @@ def macrl_step(check) -> dict:
 
 def torch_section(check) -> dict:
   """benchmarks/torch_step.py's step (bf16 autocast), eager and compiled, in turn with ours."""
-  import torch_step  # pylint: disable=g-import-not-at-top (needs requirements-interop.txt)
+  try:
+    import torch_step  # pylint: disable=g-import-not-at-top (needs requirements-interop.txt)
+  except ImportError as e:
+    return dict(skipped=f'PyTorch is not installed ({e}): pip install -r requirements-interop.txt')
   if 'step' not in check.shared:
     raise RuntimeError('the macrl_step section did not build the step to compare with')
   if not check.dry_run and torch_step.device() == 'cpu':  # a TPU: PyTorch would time the host CPU

@@ -97,13 +97,19 @@ def test_accelerator_check_dry_run_reports_every_section(tmp_path):
   report = json.loads(out.read_text())
   assert report['failed_sections'] == [] and report['dry_run']
   assert {k for k, v in report.items() if isinstance(v, dict)} == set(DRY_RUN_REPORT)
+  # Without the optional PyTorch requirements the torch section says so and is skipped (CI installs
+  # them and checks that they import, so there it runs).
+  torch_missing = report['torch'].get('skipped', '').startswith('PyTorch is not installed')
   for section, keys in DRY_RUN_REPORT.items():
+    if section == 'torch' and torch_missing:
+      continue
     for key in keys:
       value = report[section].get(key)
       assert value not in (None, {}, ''), (section, key, report[section])
       if not isinstance(value, (bool, str, dict)):
         assert value > 0, (section, key, value)
   assert [t['outcome'] for t in report['numerics']['tests'].values()] == ['passed']
-  assert report['torch']['images_per_sec'].keys() == {'ours', 'torch eager', 'torch.compile'}
+  if not torch_missing:
+    assert report['torch']['images_per_sec'].keys() == {'ours', 'torch eager', 'torch.compile'}
   for row in ('platform', 'numerics', 'macrl step', 'MFU', 'peak memory', 'torch', 'input'):
     assert f'\n{row} ' in proc.stdout or f'\n  {row} ' in proc.stdout, row

@@ -20,9 +20,11 @@ from macrl_jax import interop, interop_files, interop_state_dicts, models, train
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
 # segfaults when loaded after TensorFlow, which other test modules import; CPU tests never use it.
 sys.modules.setdefault('triton', None)
-import timm  # noqa: E402  (requirements-interop.txt; CI installs it, so these tests run, not skip)
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+# requirements-interop.txt; without it these tests skip with the reason (CI installs it and checks
+# that it imports, so there they run).
+timm = pytest.importorskip('timm', reason='the interop tests need pip install -r requirements-interop.txt')
+torch = pytest.importorskip('torch', reason='pip install -r requirements-interop.txt')
+nn = torch.nn
 
 TOL = 1e-4
 
