@@ -68,6 +68,8 @@ flags.DEFINE_integer('timing_rounds', 3, 'Alternating rounds of step timing (tim
 flags.DEFINE_integer('probe_epochs', 100, 'Epochs of the linear probe on cached features.')
 flags.DEFINE_bool('finetune', False, 'Also fine-tune every run with the recipe of config.finetune '
                   '(its label_fraction of train, the same examples for all): a third metric.')
+flags.DEFINE_bool('pixels', True, 'Also the raw-pixel baselines (a logistic regression on all pixels: '
+                  'minutes on a large train split).')
 flags.DEFINE_bool('report_only', False, 'Only re-render results.md (and README) from results.json.')
 flags.DEFINE_string('readme', None, 'Name of the README block to replace with the table.')
 FLAGS = flags.FLAGS
@@ -95,16 +97,63 @@ def method_config(method: str):
 
 
 def trial_config(trial: dict, seed: int, steps: int | None = None):
+  """The trial's config for `seed`; with `steps`, the warm-up scaled to that length and as many
+  kNN monitor points and checkpoints as the config's own length has."""
   from macrl_jax import presets
   config = method_config(trial['method'])
   for field, value in trial.get('overrides', {}).items():
     presets.set_field(config, field, value)
   config.seed = seed
   if steps is not None and steps != config.total_steps:
-    config.optim.warmup_steps = round(config.optim.warmup_steps * steps / config.total_steps)
-    config.eval_every_steps = config.checkpoint_every_steps = steps
+    file_config = config.copy_and_resolve_references()
     config.total_steps = steps
+    presets.follow_the_user(config, file_config, {'total_steps'})
+    for every in ('eval_every_steps', 'checkpoint_every_steps'):
+      points = max(1, file_config.total_steps // file_config[every])
+      config[every] = -(-steps // points)
   return config
+
+
+def timing_config(trials: dict, name: str):
+  """A trial's config to time its step; a mimco trial's teacher is its teacher trial's
+  architecture (random weights time alike)."""
+  import ml_collections
+  config = trial_config(trials[name], 0)
+  if config.method == 'mimco':
+    teacher = trial_config(trials[trials[name]['teacher']], 0)
+    config.teacher.spec = ml_collections.ConfigDict(dict(
+        method=teacher.method, image_size=teacher.image_size, model=teacher.model.to_dict()))
+  return config
+
+
+def step_seconds(known: dict, trials: dict, names: list) -> dict:
+  """Each trial's step seconds, timed alternately with the reference's. Trials that a later run
+  adds are timed with the reference again and scaled by its first timing, so that one reference
+  time sets every budget."""
+  from macrl_jax import step_timing
+  missing = [n for n in names if n not in known]
+  if not missing:
+    return known
+  timed = [FLAGS.reference] + [n for n in missing if n != FLAGS.reference]
+  seconds = step_timing.alternating_step_seconds({n: timing_config(trials, n) for n in timed},
+                                                 rounds=FLAGS.timing_rounds)
+  scale = known[FLAGS.reference] / seconds[FLAGS.reference] if FLAGS.reference in known else 1.0
+  return dict(known, **{n: seconds[n] * scale for n in timed if n not in known})
+
+
+def budget_steps(results: dict, trials: dict, name: str, budget: str, base) -> tuple:
+  """(steps, teacher steps): at equal epochs every trial runs total_steps (a mimco trial after its
+  teacher trial's own run); at equal time each gets the reference's seconds, and a mimco trial
+  spends `teacher_share` of them (0.5 by default) on a teacher of its own and the rest on itself."""
+  trial = trials[name]
+  if budget == 'epochs':
+    return base.total_steps, None
+  t = results['step_seconds']
+  seconds = base.total_steps * t[FLAGS.reference]
+  if trial['method'] != 'mimco':
+    return round(seconds / t[name]), None
+  share = trial.get('teacher_share', 0.5)
+  return round((1 - share) * seconds / t[name]), round(share * seconds / t[trial['teacher']])
 
 
 def probe(restored, seed: int) -> dict:
@@ -176,6 +225,18 @@ def write_outputs(results):
   print(table)
 
 
+def pretrain(config, run_dir: str) -> tuple[float, bool]:
+  """(seconds, stopped): pre-trains into run_dir (resuming it); stopped by SIGTERM or Ctrl-C, the
+  run has saved its state and nothing is recorded."""
+  from macrl_jax import train
+  start = time.time()
+  outcome = train.train_and_evaluate(config, run_dir)
+  if outcome.get('preempted'):
+    logging.warning('Stopped during %s; rerun the same command to resume.', run_dir)
+    return time.time() - start, True
+  return time.time() - start, False
+
+
 # ----------------------------------------------------------------------------------------- main
 def main(argv):
   del argv
@@ -184,7 +245,7 @@ def main(argv):
   if FLAGS.report_only:
     write_outputs(json.load(open(path)))
     return
-  from macrl_jax import step_timing, train, workdir
+  from macrl_jax import workdir
 
   if not FLAGS.trials:
     raise UserError('--trials=FILE is required (a JSON object of trials)')
@@ -218,13 +279,10 @@ def main(argv):
              f'at {base.image_size} px, variant {base.model.variant}')
   rows = results['rows']
 
-  if 'pixels' not in rows:
+  if FLAGS.pixels and 'pixels' not in rows:
     rows['pixels'] = comparison.pixel_baselines(base)
-  if 'time' in FLAGS.budgets and not results.get('step_seconds'):
-    timed = [FLAGS.reference] + [n for n in names if n != FLAGS.reference]
-    results['step_seconds'] = step_timing.alternating_step_seconds(
-        {n: trial_config(trials[n], 0) for n in timed if trials[n]['method'] != 'mimco'},
-        rounds=FLAGS.timing_rounds)
+  if 'time' in FLAGS.budgets:
+    results['step_seconds'] = step_seconds(results.get('step_seconds', {}), trials, names)
   write_outputs(results)
 
   if FLAGS.finetune:
@@ -247,30 +305,32 @@ def main(argv):
     for budget in FLAGS.budgets:
       for name in names:
         trial = trials[name]
-        if budget == 'time' and name == FLAGS.reference:
+        if budget == 'time' and name == FLAGS.reference and 'epochs' in FLAGS.budgets:
           continue  # its time budget is its epochs budget: the same run
-        steps = base.total_steps
-        if budget == 'time' and trial['method'] != 'mimco':
-          t = results['step_seconds']
-          steps = round(base.total_steps * t[FLAGS.reference] / t[name])
+        steps, teacher_steps = budget_steps(results, trials, name, budget, base)
         key = name if budget == 'epochs' else f'{name} (equal time)'
         row = rows.setdefault(key, {'trial': name, 'method': trial['method'], 'budget': budget,
                                     'overrides': trial.get('overrides', {}), 'steps': steps})
+        if teacher_steps:
+          row['teacher_steps'] = teacher_steps
         run_dir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
         if seed not in row.get('seeds', []):
+          seconds = 0.0
           config = trial_config(trial, seed, steps)
           if trial['method'] == 'mimco':
             config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
                                                   f'seed{seed}')
-          start = time.time()
-          outcome = train.train_and_evaluate(config, run_dir)
-          seconds = time.time() - start
-          if outcome.get('preempted'):
-            # Stopped by SIGTERM or Ctrl-C: the run saved its state; record nothing and stop here.
-            logging.warning('Stopped during trial %s; rerun the same command to resume.', key)
+            if teacher_steps:  # its own teacher, within its time
+              config.teacher.workdir = run_dir + '-teacher'
+              seconds, stopped = pretrain(trial_config(trials[trial['teacher']], seed,
+                                                       teacher_steps), config.teacher.workdir)
+              if stopped:
+                return
+          more, stopped = pretrain(config, run_dir)
+          if stopped:
             return
           comparison.record(row, seed, dict(probe(workdir.load_workdir(run_dir), seed),
-                                            pretrain_seconds=seconds))
+                                            pretrain_seconds=seconds + more))
           write_outputs(results)
         if needs_finetune(row, seed):  # also for a run probed before --finetune was given
           if not record_finetune(row, seed, workdir.load_workdir(run_dir)):
