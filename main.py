@@ -6,6 +6,7 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
+import importlib
 import os
 import sys
 
@@ -60,10 +61,13 @@ def _init_distributed() -> None:
 
 
 def _quiet_libraries() -> None:
-  """Keeps INFO lines of this program, but only warnings from Orbax and TFDS (they log every file)."""
+  """Keeps INFO lines of this program, but only warnings from Orbax and TFDS (they log every file),
+  and not Orbax's notice that it registers its jax.Array handler again."""
   import logging as py_logging
 
   def keep(record):
+    if 'type_handler_registry' in record.pathname:
+      return False
     noisy = ('/orbax/', '/tensorflow_datasets/', '/tensorstore/')
     return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
 
@@ -74,8 +78,32 @@ def _quiet_libraries() -> None:
 
 
 def _not_a_reported_save_failure(record) -> bool:
-  from macrl_jax import checkpoint  # imported by then: only a save logs such a record
+  from macrl_jax.run import checkpoint  # imported by then: only a save logs such a record
   return not checkpoint.is_reported_save_failure(record)
+
+
+def _import_tensorflow_quietly() -> None:
+  """TensorFlow writes its C++ start-up notices (oneDNN, absl::InitializeLog) to file descriptor 2
+  before any logging is set up: imported with that descriptor on /dev/null, it says nothing. The
+  datasets' preparation then logs its progress instead of drawing progress bars."""
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as null:
+      os.dup2(null.fileno(), 2)
+      importlib.import_module("tensorflow")  # its notices, here
+      import tensorflow_datasets as tfds
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+  tfds.disable_progress_bar()
+
+
+def _log_to_file(workdir: str) -> None:
+  """The full log (INFO and up) to WORKDIR/main.INFO; on the terminal only warnings and errors
+  (--logtostderr keeps everything on the terminal)."""
+  logging.get_absl_handler().use_absl_log_file('main', workdir)
+  if not FLAGS.alsologtostderr:
+    FLAGS.stderrthreshold = 'warning'
 
 
 def main(argv):
@@ -83,20 +111,24 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   config = FLAGS.config
-  from macrl_jax import presets
-  presets.follow_the_user(config, errors.file_config(sys.argv[1:], DEFAULT_CONFIG),
+  from macrl_jax.config import schema
+  schema.follow_the_user(config, errors.file_config(sys.argv[1:], DEFAULT_CONFIG),
                           errors.overridden_fields(sys.argv[1:]))
   dataset = config.dataset.replace(':', '_').replace('/', '_')
   workdir = FLAGS.workdir or os.path.join('workdirs', f'{dataset}_{config.method}')
   # A bad value or a workdir that is a file ends here, in a second: before TensorFlow loads and
   # JAX starts its devices (train.py checks again, with the number of devices).
-  from macrl_jax import config_checks, workdir_setup
-  config_checks.validate(config)
-  workdir_setup.refuse_a_file(workdir)
+  from macrl_jax.config import checks
+  from macrl_jax.run import workdirs
+  checks.validate(config)
+  workdirs.refuse_a_file(workdir)
   _quiet_libraries()
+  workdirs.prepare(workdir)
+  _log_to_file(workdir)  # each process its own file
+  _import_tensorflow_quietly()
   _init_distributed()
-  from macrl_jax import train
-  train.train_and_evaluate(config, workdir)
+  from macrl_jax.run import train
+  train.train_and_evaluate(config, workdir, console=True)
 
 
 if __name__ == '__main__':

@@ -58,10 +58,13 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from macrl_jax import build, errors, flops, models, prefetch, sharding  # noqa: E402
-from macrl_jax.step_timing import (compile_step, input_only_rate, matmul_probe,  # noqa: E402
-                                   peak_flops, peak_memory, random_local_batch, repeat,
-                                   time_steps, xla_flops)
+from macrl_jax import errors, sharding  # noqa: E402
+from macrl_jax.data import prefetch  # noqa: E402
+from macrl_jax.methods import build, flops  # noqa: E402
+from macrl_jax.models import vit  # noqa: E402
+from macrl_jax.run.step_timing import (compile_step, input_only_rate, matmul_probe, peak_flops,  # noqa: E402
+                                       peak_memory, random_local_batch, repeat, time_steps,
+                                       xla_flops)
 
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Every section at tiny shapes, on CPU.')
 _OUT = flags.DEFINE_string('out', None, 'The JSON file (default: results/accelerator/'
@@ -251,7 +254,7 @@ def torch_section(check) -> dict:
 
 def input_section(check) -> dict:
   """The CIFAR-10 study config's step fed by the real input pipeline, against the pipeline alone."""
-  from macrl_jax import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from macrl_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top (TensorFlow)
   config = load_config('cifar10_study', 'method=macrl')
   if _DATA.value:
     config.dataset = 'folder:' + os.path.abspath(_DATA.value)
@@ -324,7 +327,7 @@ def small_image_folder(root: str, classes: int, per_class: int = 16) -> str:
 
 
 def describe(config) -> dict:
-  dims = models.vit_dims(config.model)
+  dims = vit.vit_dims(config.model)
   return dict(method=config.method, dataset=config.dataset, image_size=config.image_size,
               variant=config.model.variant, width=dims['width'], depth=dims['depth'],
               batch_size=config.batch_size, dtype=config.dtype)

@@ -24,8 +24,9 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import build, errors, sharding  # noqa: E402
-from macrl_jax.step_timing import random_local_batch  # noqa: E402
+from macrl_jax import errors, sharding  # noqa: E402
+from macrl_jax.methods import build  # noqa: E402
+from macrl_jax.run.step_timing import random_local_batch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
 _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps.')

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from macrl_jax import flops as flops_lib  # noqa: E402
-from macrl_jax import models, presets  # noqa: E402
-from macrl_jax.step_timing import Timing, median_timing  # noqa: E402
+from macrl_jax.config import schema  # noqa: E402
+from macrl_jax.methods import flops as flops_lib  # noqa: E402
+from macrl_jax.models import vit  # noqa: E402
+from macrl_jax.run.step_timing import median_timing, Timing  # noqa: E402
 
 PARTS = ('online_encoder', 'momentum_encoder', 'decoder', 'heads')
 
@@ -24,8 +25,8 @@ def part_functions(config, modules, state, batch):
   enc, dec, proj, pred = modules[:4]
   n = flops_lib.num_patches(config)
   views = [batch[f'view{v + 1}'] for v in range(config.num_views)]
-  masks = [models.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None
-           for v, r in enumerate(presets.view_mask_ratios(config))]
+  masks = [vit.random_masking(jax.random.PRNGKey(v), config.batch_size, n, r) if r > 0 else None
+           for v, r in enumerate(schema.view_mask_ratios(config))]
   ids = [None if m is None else m.ids_keep for m in masks]
   params = state['params']
   square = lambda tree: sum(jnp.mean(jnp.square(x)) for x in jax.tree.leaves(tree))
@@ -34,12 +35,12 @@ def part_functions(config, modules, state, batch):
     return [enc.apply({'params': p}, x, i) for x, i in zip(views, ids)]
 
   tokens = jax.jit(encode)(params['encoder'])
-  feats = [models.pool(z, config.model.pool) for z in tokens]
+  feats = [vit.pool(z, config.model.pool) for z in tokens]
   fns = {'online_encoder': (jax.jit(jax.grad(lambda p: square(encode(p)))), (params['encoder'],))}
   if 'ema_params' in state:
     def momentum(ema, stats):
       return [proj.apply({'params': ema['projector'], 'batch_stats': stats['projector']},
-                         models.pool(enc.apply({'params': ema['encoder']}, x), config.model.pool),
+                         vit.pool(enc.apply({'params': ema['encoder']}, x), config.model.pool),
                          mutable=['batch_stats'])[0] for x in views]
     fns['momentum_encoder'] = (jax.jit(momentum), (state['ema_params'], state['ema_batch_stats']))
   if dec is not None:

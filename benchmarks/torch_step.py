@@ -37,9 +37,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from macrl_jax import models, presets  # noqa: E402  (sincos table and dims only)
 from macrl_jax.errors import UserError  # noqa: E402
-from macrl_jax.step_timing import time_steps  # noqa: E402
+from macrl_jax.models import vit  # noqa: E402
+from macrl_jax.run.step_timing import time_steps  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -71,7 +71,7 @@ class Block(nn.Module):
 
 
 def patchify(images, p):
-  """[B, 3, H, W] → [B, N, p·p·3] in (row, col, channel) order, as macrl_jax.models.patchify."""
+  """[B, 3, H, W] → [B, N, p·p·3] in (row, col, channel) order, as macrl_jax.models.vit.patchify."""
   b, c, h, w = images.shape
   x = images.reshape(b, c, h // p, p, w // p, p)
   return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
@@ -85,7 +85,7 @@ class Encoder(nn.Module):
     grid = image_size // self.p
     self.embed = nn.Linear(self.p * self.p * 3, d)
     self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-    self.register_buffer('pos', torch.from_numpy(models.sincos_2d(d, grid)).float()[None])
+    self.register_buffer('pos', torch.from_numpy(vit.sincos_2d(d, grid)).float()[None])
     self.blocks = nn.ModuleList(Block(d, dims['num_heads'], dims['mlp_dim'])
                                 for _ in range(dims['depth']))
     self.norm = nn.LayerNorm(d, eps=1e-6)
@@ -111,7 +111,7 @@ class Decoder(nn.Module):
     self.embed = nn.Linear(dims['width'], d)
     self.mask_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
     grid = int(round(math.sqrt(num_patches)))
-    self.register_buffer('pos', torch.from_numpy(models.sincos_2d(d, grid)).float()[None])
+    self.register_buffer('pos', torch.from_numpy(vit.sincos_2d(d, grid)).float()[None])
     self.blocks = nn.ModuleList(Block(d, m.decoder_heads, 4 * d) for _ in range(m.decoder_depth))
     self.norm = nn.LayerNorm(d, eps=1e-6)
     self.pred = nn.Linear(d, dims['patch_size'] ** 2 * 3)
@@ -147,7 +147,7 @@ class Macrl(nn.Module):
   def __init__(self, config):
     super().__init__()
     self.config = config
-    dims = models.vit_dims(config.model)
+    dims = vit.vit_dims(config.model)
     self.num_patches = (config.image_size // dims['patch_size']) ** 2
     m = config.model
     self.encoder = Encoder(dims, config.image_size)
@@ -160,7 +160,7 @@ class Macrl(nn.Module):
       p.requires_grad = False
 
   def masking(self, batch, ratio, device):
-    keep = presets.num_visible(self.num_patches, ratio)
+    keep = vit.num_visible(self.num_patches, ratio)
     noise = torch.rand(batch, self.num_patches, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)

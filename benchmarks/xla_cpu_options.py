@@ -25,9 +25,10 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import build, errors, sharding  # noqa: E402
+from macrl_jax import errors, sharding  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
-from macrl_jax.step_timing import random_local_batch, repeat, time_steps  # noqa: E402
+from macrl_jax.methods import build  # noqa: E402
+from macrl_jax.run.step_timing import random_local_batch, repeat, time_steps  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
 _VARIANTS = flags.DEFINE_list('variants', ['default', 'ynn_off', 'onednn_dot', 'xnn_dot',

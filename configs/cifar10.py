@@ -6,11 +6,11 @@ TFDS downloads CIFAR-10 on first use (~160 MB) unless it is prepared in --config
 Expected result: not yet measured with this codebase (README "Results" lists what has been run).
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 
 def get_config(arg=None, dataset='cifar10', num_classes=10):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = dataset
   c.num_classes = num_classes
   c.image_size = 32
@@ -27,4 +27,4 @@ def get_config(arg=None, dataset='cifar10', num_classes=10):
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
   c.knn.eval_batch_size = 512
-  return presets.configure(c, arg)
+  return schema.configure(c, arg)

@@ -24,7 +24,7 @@ Expected figures and time: to be measured.
 
 import os
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 # The image folder beside this repository (../shared/data/cifar10, from the repository root).
 FOLDER = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
@@ -35,7 +35,7 @@ METHOD_TUNED = {'macrl': {}, 'mae': {}, 'mocov3': {}, 'mimco': {}}
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = f'folder:{FOLDER}'
   c.train_split = 'train'
   c.test_split = 'test'
@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.finetune.label_fraction = 0.1
   c.finetune.epochs = 30.0
   c.finetune.warmup_epochs = 3.0
-  c = presets.configure(c, arg)
+  c = schema.configure(c, arg)
   for field, value in METHOD_TUNED[c.method].items():
-    presets.set_field(c, field, value)
+    schema.set_field(c, field, value)
   return c

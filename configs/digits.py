@@ -8,11 +8,11 @@ batch 256 (44 epochs) on a 2-core CPU in about 2.5 minutes; expected kNN top-1 o
 0.861, linear probe 0.931 (the randomly initialised encoder: 0.683 and 0.897; README "Results").
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = 'digits'
   c.num_classes = 10
   c.image_size = 16
@@ -34,4 +34,4 @@ def get_config(arg=None):
   c.eval_every_steps = 125
   c.checkpoint_every_steps = 125
   c.knn.eval_batch_size = 360
-  return presets.configure(c, arg)
+  return schema.configure(c, arg)

@@ -8,11 +8,11 @@ instructions); prepared once into --config.data_dir:
 Expected result: not yet measured with this codebase (needs accelerators).
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = 'imagenet100'
   c.test_split = 'validation'
   c.num_classes = 100
@@ -31,4 +31,4 @@ def get_config(arg=None):
   c.eval_every_steps = 2500
   c.checkpoint_every_steps = 1000
   c.knn.eval_batch_size = 1024
-  return presets.configure(c, arg)
+  return schema.configure(c, arg)

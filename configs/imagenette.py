@@ -6,11 +6,11 @@ TFDS downloads imagenette 160px (~100 MB) on first use unless prepared in --conf
 Expected result: not yet measured with this codebase.
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = 'imagenette/160px-v2'
   c.test_split = 'validation'
   c.num_classes = 10
@@ -28,4 +28,4 @@ def get_config(arg=None):
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 1000
   c.knn.eval_batch_size = 512
-  return presets.configure(c, arg)
+  return schema.configure(c, arg)

@@ -10,11 +10,11 @@ The 10-class subset in ../shared (the ablation and tests use it):
 Expected result: not yet measured on the full set (README "Results" has the tiny-imagenet-10 runs).
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = 'tiny_imagenet'
   c.test_split = 'validation'
   c.num_classes = 200
@@ -32,4 +32,4 @@ def get_config(arg=None):
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
   c.knn.eval_batch_size = 512
-  return presets.configure(c, arg)
+  return schema.configure(c, arg)

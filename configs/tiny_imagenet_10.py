@@ -17,7 +17,7 @@ randomly initialised encoder (it varies with the seed), 30.6 % for raw pixels. T
 (mae), so 600 steps are about 6.5, 6 and 2 minutes, plus about a minute of compiling and probing.
 """
 
-from macrl_jax import presets
+from macrl_jax.config import schema
 
 # Per method, the best of its six trials on the selection split (linear probe on the held-out
 # tenth of train; results/tiny_imagenet_10/selection/results.json); the rest is the method's recipe.
@@ -30,7 +30,7 @@ METHOD_TUNED = {
 
 
 def get_config(arg=None):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = 'tiny_imagenet'
   c.test_split = 'validation'
   c.num_classes = 10
@@ -50,7 +50,7 @@ def get_config(arg=None):
   c.eval_every_steps = 600
   c.checkpoint_every_steps = 200
   c.knn.eval_batch_size = 256
-  c = presets.configure(c, arg)
+  c = schema.configure(c, arg)
   for field, value in METHOD_TUNED[c.method].items():
-    presets.set_field(c, field, value)
+    schema.set_field(c, field, value)
   return c

@@ -56,9 +56,10 @@ def make_config():
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
   """A TFDS data dir with the digits dataset prepared (from scikit-learn, under a second)."""
-  from macrl_jax import input_pipeline, presets
+  from macrl_jax.config import schema
+  from macrl_jax.data import input_pipeline
   data_dir = str(tmp_path_factory.mktemp('tfds_digits'))
-  c = presets.base_config()
+  c = schema.base_config()
   c.data_dir = data_dir
   input_pipeline.get_builder(c)
   return data_dir

@@ -20,8 +20,8 @@ def tiny_config(method: str = 'macrl', **overrides):
   Two blocks keep what the tests check (a stack of blocks, the layer-wise decay over them) at half
   the compile time of the variant's four.
   """
-  from macrl_jax import methods, presets
-  c = presets.base_config()
+  from macrl_jax.config import methods, schema
+  c = schema.base_config()
   methods.apply_method(c, method)
   c.image_size = 16
   c.batch_size = 16

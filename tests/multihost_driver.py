@@ -37,7 +37,9 @@ def main(port, process_id, out_dir, data_dir):
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices('gloo warm-up')
 
-  from macrl_jax import build, checkpoint, sharding, train
+  from macrl_jax import sharding
+  from macrl_jax.methods import build
+  from macrl_jax.run import checkpoint, train
   config = digits_config(data_dir, **MULTIHOST)
   mesh = sharding.make_mesh()
   built = build.build(config, mesh)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from helpers import REPO, fitting_config, fixed_batch
-from macrl_jax import build, checkpoint, sharding
+from macrl_jax import sharding
+from macrl_jax.methods import build
+from macrl_jax.run import checkpoint
 from test_train_step import run_steps
 
 # bf16 keeps 8 bits of mantissa. On the first step both runs start from the same parameters, so the

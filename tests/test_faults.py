@@ -43,38 +43,38 @@ def run_python(code: str, timeout=60, **kw):
 
 # ----------------------------------------------------------------------------------- the lock
 def test_an_old_empty_lock_is_taken_over_at_once(tmp_path):
-  from macrl_jax import workdir_setup
+  from macrl_jax.run import workdirs
   lock = tmp_path / 'lock'
   lock.write_text('')  # what a full disk at start-up left
   os.utime(lock, (time.time() - 60, time.time() - 60))
   start = time.time()
-  with workdir_setup.WorkdirLock(str(tmp_path)):
+  with workdirs.WorkdirLock(str(tmp_path)):
     assert json.loads(lock.read_text())['pid'] == os.getpid()
   assert time.time() - start < 1 and not lock.exists()
 
 
 def test_a_new_torn_lock_is_waited_for_then_taken_over(tmp_path, monkeypatch):
-  from macrl_jax import workdir_setup
-  monkeypatch.setattr(workdir_setup.WorkdirLock, 'STALE_AFTER_S', 0.5)
+  from macrl_jax.run import workdirs
+  monkeypatch.setattr(workdirs.WorkdirLock, 'STALE_AFTER_S', 0.5)
   (tmp_path / 'lock').write_text('{"pid": 12')
   start = time.time()
-  with workdir_setup.WorkdirLock(str(tmp_path)):
+  with workdirs.WorkdirLock(str(tmp_path)):
     pass
   assert 0.4 < time.time() - start < 5
 
 
 def test_taking_the_lock_gives_up_at_its_deadline_naming_the_file(tmp_path, monkeypatch):
-  from macrl_jax import workdir_setup
-  monkeypatch.setattr(workdir_setup.WorkdirLock, 'DEADLINE_S', 0.3)
-  monkeypatch.setattr(workdir_setup.WorkdirLock, '_check_holder', lambda self: time.sleep(0.05))
+  from macrl_jax.run import workdirs
+  monkeypatch.setattr(workdirs.WorkdirLock, 'DEADLINE_S', 0.3)
+  monkeypatch.setattr(workdirs.WorkdirLock, '_check_holder', lambda self: time.sleep(0.05))
   (tmp_path / 'lock').write_text('')  # and it never becomes free
   with pytest.raises(errors.UserError, match=f'{tmp_path}/lock could not be taken in 0 s'):
-    with workdir_setup.WorkdirLock(str(tmp_path)):
+    with workdirs.WorkdirLock(str(tmp_path)):
       pass
 
 
 def test_a_lock_that_cannot_be_written_leaves_no_lock_behind(tmp_path, monkeypatch):
-  from macrl_jax import workdir_setup
+  from macrl_jax.run import workdirs
 
   class FullDisk:  # the file is made, the write fails
     def __init__(self, path, mode):
@@ -89,46 +89,46 @@ def test_a_lock_that_cannot_be_written_leaves_no_lock_behind(tmp_path, monkeypat
     def write(self, text):
       raise ENOSPC
 
-  monkeypatch.setattr(workdir_setup, 'open', FullDisk, raising=False)
+  monkeypatch.setattr(workdirs, 'open', FullDisk, raising=False)
   with pytest.raises(errors.UserError, match='cannot write .*/lock \\(No space left on device\\)'):
-    with workdir_setup.WorkdirLock(str(tmp_path)):
+    with workdirs.WorkdirLock(str(tmp_path)):
       pass
   assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------- config.json
 def test_config_json_is_rewritten_by_a_fresh_run_and_kept_by_a_resumed_one(tmp_path, caplog):
-  from macrl_jax import workdir_setup
+  from macrl_jax.run import workdirs
   path = tmp_path / 'config.json'
-  workdir_setup.write_config(tiny_config(num_classes=5), str(tmp_path), fresh=True)
-  workdir_setup.write_config(tiny_config(num_classes=10), str(tmp_path), fresh=True)
+  workdirs.write_config(tiny_config(num_classes=5), str(tmp_path), fresh=True)
+  workdirs.write_config(tiny_config(num_classes=10), str(tmp_path), fresh=True)
   assert json.loads(path.read_text())['num_classes'] == 10
   with caplog.at_level(logging.WARNING):
-    workdir_setup.write_config(tiny_config(num_classes=7), str(tmp_path), fresh=False)
+    workdirs.write_config(tiny_config(num_classes=7), str(tmp_path), fresh=False)
   assert json.loads(path.read_text())['num_classes'] == 10
   assert 'differs from' in caplog.text and 'num_classes' in caplog.text
   path.write_text('{"method": "mac')  # torn
-  workdir_setup.write_config(tiny_config(num_classes=10), str(tmp_path), fresh=False)
+  workdirs.write_config(tiny_config(num_classes=10), str(tmp_path), fresh=False)
   assert json.loads(path.read_text())['num_classes'] == 10
 
 
 def test_a_failed_check_writes_no_config_json(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   with pytest.raises(errors.UserError, match='config.num_classes: 5, but dataset'):
     train.train_and_evaluate(digits_config(digits_dir, num_classes=5), str(tmp_path))
   assert not (tmp_path / 'config.json').exists()
 
 
 def test_a_torn_config_json_is_named_by_the_tools(tmp_path):
-  from macrl_jax import workdir
+  from macrl_jax.run import restore
   (tmp_path / 'config.json').write_text('{"method": ')
-  with pytest.raises(workdir.WorkdirError, match='config.json cannot be parsed'):
-    workdir.load_config(str(tmp_path))
+  with pytest.raises(restore.WorkdirError, match='config.json cannot be parsed'):
+    restore.load_config(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------- metrics.jsonl
 def test_a_torn_last_row_of_metrics_is_dropped_on_resume(tmp_path):
-  from macrl_jax import writers
+  from macrl_jax.run import writers
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"loss": 1.0, "step": 2}\n{"loss": 0.9, "step": 4}\n{"loss": 0.8, "st')
   log = writers.JsonlWriter(str(path))
@@ -160,7 +160,7 @@ class ListWriter:
 
 
 def test_a_failed_evaluation_saves_its_step_first():
-  from macrl_jax import loop
+  from macrl_jax.run import loop
   saved, writer = [], ListWriter()
 
   def evaluate(step, state):
@@ -175,7 +175,7 @@ def test_a_failed_evaluation_saves_its_step_first():
 
 
 def test_a_checkpoint_step_saves_before_it_evaluates():
-  from macrl_jax import loop
+  from macrl_jax.run import loop
   calls = []
   loop.run(lambda state, batch: (state + 1, {'loss': 1.0}), 0, iter(range(100)), start_step=0,
            total_steps=4, every=loop.Every(log=1, checkpoint=2, eval=2), batch_size=1,
@@ -188,7 +188,7 @@ def test_a_checkpoint_step_saves_before_it_evaluates():
 # ----------------------------------------------------------------------------------- full disk
 def test_a_save_that_fails_for_a_full_disk_says_so_in_one_line():
   """Simulated: Orbax raises the full disk deep in a long message (a real one in the slow tier)."""
-  from macrl_jax import checkpoint
+  from macrl_jax.run import checkpoint
 
   class Manager(FakeManager):
     def check_for_errors(self):
@@ -239,7 +239,7 @@ def folder_config(root, data_dir, **overrides):
 
 
 def test_a_folder_without_the_test_split_is_refused_before_the_first_step(tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   root = tmp_path / 'pets'
   write_folder(root)
   with pytest.raises(errors.UserError,
@@ -251,7 +251,7 @@ def test_a_folder_without_the_test_split_is_refused_before_the_first_step(tmp_pa
 
 
 def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root)
   (root / 'train' / 'eel').mkdir()
@@ -260,7 +260,7 @@ def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
 
 
 def test_a_split_folder_without_images_is_refused_naming_it(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root)
   (root / 'test' / 'cat').mkdir(parents=True)
@@ -269,10 +269,10 @@ def test_a_split_folder_without_images_is_refused_naming_it(tmp_path):
 
 
 def test_a_second_preparation_waits_for_the_first(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root)
-  from macrl_jax.datasets import image_folder
+  from macrl_jax.data.datasets import image_folder
   config = folder_config(root, tmp_path / 'tfds')
   (tmp_path / 'tfds').mkdir()
   done = []
@@ -292,21 +292,22 @@ def test_a_second_preparation_waits_for_the_first(tmp_path):
 # ----------------------------------------------------------------------------------- tools
 def test_a_tool_prints_its_result_when_the_workdir_cannot_be_written(tmp_path, monkeypatch,
                                                                     capsys, caplog):
-  from macrl_jax import workdir
+  from macrl_jax.run import restore
 
   def read_only(path, result):
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-  monkeypatch.setattr(workdir, 'write_result', read_only)
+  monkeypatch.setattr(restore, 'write_result', read_only)
   with caplog.at_level(logging.WARNING):
-    workdir.report(str(tmp_path / 'eval' / 'knn.json'), {'top1': 0.5}, 'kNN: top-1 50.00 %')
+    restore.report(str(tmp_path / 'eval' / 'knn.json'), {'top1': 0.5}, 'kNN: top-1 50.00 %')
   assert capsys.readouterr().out == 'kNN: top-1 50.00 %\n'
   assert 'could not be written' in caplog.text and 'Permission denied' in caplog.text
 
 
 def test_the_feature_cache_is_only_a_speed_up(tmp_path, monkeypatch, caplog):
-  from macrl_jax import features, workdir
-  restored = workdir.Restored(tiny_config(), 8, types.SimpleNamespace(encoder=None), None, None,
+  from macrl_jax.evals import features
+  from macrl_jax.run import restore
+  restored = restore.Restored(tiny_config(), 8, types.SimpleNamespace(encoder=None), None, None,
                               None, None, str(tmp_path), 'online')
   computed = (np.ones([3, 4], np.float32), np.arange(3, dtype=np.int32))
   monkeypatch.setattr(features, 'split_features', lambda *a: computed)
@@ -323,30 +324,30 @@ def test_the_feature_cache_is_only_a_speed_up(tmp_path, monkeypatch, caplog):
 
 # ----------------------------------------------------------------------------------- MimCo
 def test_a_missing_teacher_file_is_refused_before_anything_loads(make_config, tmp_path):
-  from macrl_jax import config_checks
+  from macrl_jax.config import checks
   config = make_config('mimco')
   config.teacher.checkpoint = str(tmp_path / 'vit-s-300ep.pth.tar')
   with pytest.raises(errors.UserError, match='config.teacher.checkpoint: .* does not exist'):
-    config_checks.validate(config)
+    checks.validate(config)
 
 
 # ----------------------------------------------------------------------------------- defaults
 def test_the_warmup_default_follows_the_length_the_user_set():
-  from macrl_jax import config_checks, presets
+  from macrl_jax.config import checks, schema
   file_config = errors.file_config([], str(REPO / 'configs' / 'digits.py'))
   for argv, warmup in ((['--config.total_steps=20'], 2),
                        (['--config.total_steps=1000'], 100),
                        (['--config.total_steps=20', '--config.optim.warmup_steps=5'], 5)):
     config = errors.file_config([], str(REPO / 'configs' / 'digits.py'))
     for arg in argv:
-      presets.set_field(config, arg[len('--config.'):].split('=')[0], int(arg.split('=')[1]))
-    presets.follow_the_user(config, file_config, errors.overridden_fields(argv))
+      schema.set_field(config, arg[len('--config.'):].split('=')[0], int(arg.split('=')[1]))
+    schema.follow_the_user(config, file_config, errors.overridden_fields(argv))
     assert config.optim.warmup_steps == warmup, argv
-    config_checks.validate(config)
+    checks.validate(config)
   # Only values the user set can contradict each other.
   config.optim.warmup_steps = 25
   with pytest.raises(errors.UserError, match='optim.warmup_steps: 25 must be in'):
-    config_checks.validate(config)
+    checks.validate(config)
 
 
 # =================================================================================== slow tier
@@ -431,7 +432,7 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_the_rerun_finishes(tmp_p
 
 @pytest.mark.slow
 def test_a_failed_evaluation_loses_no_step(digits_dir, tmp_path, monkeypatch):
-  from macrl_jax import checkpoint, train
+  from macrl_jax.run import checkpoint, train
 
   def knn_fails(*args):
     raise RuntimeError('kNN failed')
@@ -446,7 +447,7 @@ def test_a_failed_evaluation_loses_no_step(digits_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_torn_metrics_row_does_not_block_resume(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   wd = tmp_path / 'wd'
   train.train_and_evaluate(digits_config(digits_dir, total_steps=4), str(wd))
   with open(wd / 'metrics.jsonl', 'a') as f:
@@ -457,7 +458,7 @@ def test_a_torn_metrics_row_does_not_block_resume(digits_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_student_resumes_after_its_teacher_moved(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   teacher_dir = tmp_path / 'teacher'
   train.train_and_evaluate(digits_config(digits_dir, 'mocov3', total_steps=2), str(teacher_dir))
   student = lambda steps: digits_config(digits_dir, 'mimco', total_steps=steps,
@@ -470,7 +471,7 @@ def test_a_student_resumes_after_its_teacher_moved(digits_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_tool_on_a_read_only_workdir_prints_its_result(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   wd = tmp_path / 'wd'
   train.train_and_evaluate(digits_config(digits_dir, total_steps=2), str(wd))
   read_only = tmp_path / 'read_only'

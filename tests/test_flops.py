@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from helpers import fitting_config, fixed_batch, tiny_config
-from macrl_jax import build, flops, sharding
+from macrl_jax import sharding
+from macrl_jax.methods import build, flops
 
 
 @pytest.mark.parametrize('method,overrides', [

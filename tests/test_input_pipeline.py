@@ -1,4 +1,4 @@
-"""Tests of the tf.data pipelines and the dataset builders (macrl_jax/input_pipeline.py, datasets/).
+"""Tests of the tf.data pipelines and the dataset builders (macrl_jax/data/input_pipeline.py, data/datasets/).
 
 Datasets: digits (prepared into a tmp data dir), cifar10/cifar100 under tfds.testing.mock_data, and
 the real JPEGs of ../shared/data/tiny-imagenet-10 (skipped when absent). Error paths use small
@@ -24,9 +24,10 @@ import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from helpers import override  # noqa: E402
-from macrl_jax import input_pipeline, presets  # noqa: E402
-from macrl_jax.datasets import CorruptImageError, registry  # noqa: E402
-from macrl_jax.datasets.imagenet100 import CLASS_NAMES  # noqa: E402
+from macrl_jax.config import schema  # noqa: E402
+from macrl_jax.data import input_pipeline  # noqa: E402
+from macrl_jax.data.datasets import registry, CorruptImageError  # noqa: E402
+from macrl_jax.data.datasets.imagenet100 import CLASS_NAMES  # noqa: E402
 
 TINY_IMAGENET_10 = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'tiny-imagenet-10'
 MOCK_EXAMPLES = 50
@@ -39,7 +40,7 @@ TINY_FIELDS = {'manual_dir': str(TINY_IMAGENET_10), 'num_classes': 10, 'image_si
 
 
 def make_config(dataset='digits', data_dir=None, **overrides):
-  c = presets.base_config()
+  c = schema.base_config()
   c.dataset = dataset
   c.data_dir = data_dir
   c.batch_size = 8

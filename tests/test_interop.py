@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from helpers import REPO, digits_config, run_tool_in_process, tiny_config
-from macrl_jax import interop, interop_files, interop_state_dicts, models, train
+from macrl_jax.interop import state_dicts, timm_vit, torch_files
+from macrl_jax.methods import networks
+from macrl_jax.models import vit as models_vit
+from macrl_jax.run import train
 
 # Triton (the GPU compiler the PyPI torch wheel brings, imported by timm through torchvision)
 # segfaults when loaded after TensorFlow, which other test modules import; CPU tests never use it.
@@ -70,8 +73,8 @@ def randomize_torch(module, seed=0):
   return module.eval()
 
 
-def timm_vit(config, pool='cls'):
-  kwargs = interop.timm_kwargs(models.vit_dims(config.model), config.image_size, pool)
+def timm_model(config, pool='cls'):
+  kwargs = timm_vit.timm_kwargs(models_vit.vit_dims(config.model), config.image_size, pool)
   return timm.models.VisionTransformer(**kwargs)
 
 
@@ -103,11 +106,11 @@ def moco_sincos(width, grid):
 def make_mocov3_file(path, config, seed=0):
   """A MoCo v3 `.pth.tar` ({'state_dict': module.base_encoder/momentum_encoder/predictor}) of
   random timm ViTs; returns the torch modules (online, momentum, predictor)."""
-  m, width = config.model, models.vit_dims(config.model)['width']
-  grid = config.image_size // models.vit_dims(config.model)['patch_size']
+  m, width = config.model, models_vit.vit_dims(config.model)['width']
+  grid = config.image_size // models_vit.vit_dims(config.model)['patch_size']
   encoders = []
   for k in range(2):
-    vit = timm_vit(config)
+    vit = timm_model(config)
     vit.head = moco_mlp(3, width, m.proj_hidden, m.proj_dim)
     randomize_torch(vit, seed + k)
     with torch.no_grad():
@@ -124,16 +127,16 @@ def make_mocov3_file(path, config, seed=0):
 
 def init_variables(modules, config, rng):
   """models.init_variables as one compiled program (op by op it compiles hundreds)."""
-  return jax.jit(lambda r: models.init_variables(modules, config, r))(rng)
+  return jax.jit(lambda r: networks.init_variables(modules, config, r))(rng)
 
 
 def encoder_features(encoder, params, x, pool='cls'):
-  return np.asarray(jax.jit(lambda p, x: models.pool(encoder.apply({'params': p}, x), pool))(
+  return np.asarray(jax.jit(lambda p, x: models_vit.pool(encoder.apply({'params': p}, x), pool))(
       params, x))
 
 
 def jax_features(config, variables, x, pool):
-  return encoder_features(models.make_modules(config).encoder, variables['params']['encoder'], x,
+  return encoder_features(networks.make_modules(config).encoder, variables['params']['encoder'], x,
                           pool)
 
 
@@ -150,18 +153,18 @@ def max_diff(a, b):
 @pytest.mark.parametrize('pool', ['cls', 'mean'])
 def test_exported_encoder_in_timm_gives_the_same_features(pool, tmp_path):
   config = config_for('macrl', **{'model.pool': pool})
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   variables = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)))
-  dims = models.vit_dims(config.model)
+  dims = models_vit.vit_dims(config.model)
   path = str(tmp_path / 'enc.safetensors')
-  interop_files.write_safetensors(path, interop.encoder_to_timm(variables['params']['encoder'],
+  torch_files.write_safetensors(path, timm_vit.encoder_to_timm(variables['params']['encoder'],
                                                                 dims, config.image_size),
-                                  interop.timm_kwargs(dims, config.image_size, pool))
+                                  timm_vit.timm_kwargs(dims, config.image_size, pool))
   # What the printed lines do: the JSON's kwargs and a strict load.
   import json
 
   import safetensors.torch
-  model = timm.models.VisionTransformer(**json.load(open(interop_files.meta_path(path)))).eval()
+  model = timm.models.VisionTransformer(**json.load(open(torch_files.meta_path(path)))).eval()
   model.load_state_dict(safetensors.torch.load_file(path), strict=True)
   x = images(config)
   with torch.no_grad():
@@ -171,19 +174,19 @@ def test_exported_encoder_in_timm_gives_the_same_features(pool, tmp_path):
   assert theirs.shape == ours.shape == (4, 64)
   assert max_diff(ours, theirs) <= TOL
   # And back: export → import is exact.
-  back = interop_files.load_variables(path, config)
+  back = torch_files.load_variables(path, config)
   jax.tree.map(np.testing.assert_array_equal, back['params']['encoder'],
                jax.device_get(variables['params']['encoder']))
 
 
 def test_export_and_import_of_scanned_blocks_is_exact():
   config = config_for('macrl', **{'model.scan': True})
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   variables = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(1)))
   enc = variables['params']['encoder']
-  sd = interop.encoder_to_timm(enc, models.vit_dims(config.model), config.image_size)
+  sd = timm_vit.encoder_to_timm(enc, models_vit.vit_dims(config.model), config.image_size)
   assert 'blocks.1.attn.qkv.weight' in sd and 'blocks.2.attn.qkv.weight' not in sd
-  back = interop_state_dicts.variables_from_state_dict(sd, config)['params']['encoder']
+  back = state_dicts.variables_from_state_dict(sd, config)['params']['encoder']
   jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(enc))
 
 
@@ -192,10 +195,10 @@ def test_mocov3_file_imports_with_the_same_outputs(tmp_path):
   config = config_for('mocov3')
   path = str(tmp_path / 'moco.pth.tar')
   online, momentum, predictor = make_mocov3_file(path, config)
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   x = images(config)
   for which, vit in (('online', online), ('momentum', momentum)):
-    variables = interop_files.load_variables(path, config, encoder=which)
+    variables = torch_files.load_variables(path, config, encoder=which)
     with torch.no_grad():
       feats = vit.forward_head(vit.forward_features(to_torch(x)), pre_logits=True)
       proj = vit.head(feats)
@@ -220,14 +223,14 @@ def test_mocov3_file_imports_with_the_same_outputs(tmp_path):
 
 def test_mocov3_export_import_is_exact(tmp_path):
   config = config_for('mocov3')
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   online = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 0)
   momentum = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 1)
   path = str(tmp_path / 'ours.pth.tar')
-  sd = interop_state_dicts.mocov3_state_dict(online, momentum, config)
-  interop_files.write_torch(path, {'state_dict': sd})
+  sd = state_dicts.mocov3_state_dict(online, momentum, config)
+  torch_files.write_torch(path, {'state_dict': sd})
   for which, want in (('online', online), ('momentum', momentum)):
-    got = interop_files.load_variables(path, config, encoder=which)
+    got = torch_files.load_variables(path, config, encoder=which)
     parts = ['encoder', 'projector'] + (['predictor'] if which == 'online' else [])
     assert sorted(got['params']) == sorted(parts + (['predictor'] if which != 'online' else []))
     for part in parts:
@@ -239,12 +242,12 @@ def test_mocov3_export_import_is_exact(tmp_path):
 # ------------------------------------------------------------------------------------ MAE
 def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
   config = config_for('mae')
-  dims = models.vit_dims(config.model)
+  dims = models_vit.vit_dims(config.model)
   width, dd, p = dims['width'], config.model.decoder_width, dims['patch_size']
   grid = config.image_size // p
-  vit = randomize_torch(timm_vit(config), 0)
+  vit = randomize_torch(timm_model(config), 0)
   with torch.no_grad():
-    vit.pos_embed.copy_(torch.from_numpy(interop.sincos_with_cls(width, grid)))  # MAE's table
+    vit.pos_embed.copy_(torch.from_numpy(timm_vit.sincos_with_cls(width, grid)))  # MAE's table
   decoder = nn.ModuleDict(dict(
       decoder_embed=nn.Linear(width, dd),
       decoder_blocks=nn.ModuleList([timm.models.vision_transformer.Block(
@@ -254,18 +257,18 @@ def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
       decoder_pred=nn.Linear(dd, p * p * 3)))
   randomize_torch(decoder, 1)
   mask_token = torch.randn(1, 1, dd) * 0.1
-  dec_pos = torch.from_numpy(interop.sincos_with_cls(dd, grid))
+  dec_pos = torch.from_numpy(timm_vit.sincos_with_cls(dd, grid))
   sd = dict(vit.state_dict(), mask_token=mask_token, decoder_pos_embed=dec_pos,
             **decoder.state_dict())
   path = str(tmp_path / 'mae.pth')
   torch.save({'model': sd, 'epoch': 1}, path)
-  variables = interop_files.load_variables(path, config)
+  variables = torch_files.load_variables(path, config)
   assert sorted(variables['params']) == ['decoder', 'encoder']
 
   # MAE's forward with a random mask, written out in torch, against ours.
   x = images(config)
   n, keep = grid * grid, 4
-  mask = models.random_masking(jax.random.PRNGKey(3), len(x), n, 1 - keep / n)
+  mask = models_vit.random_masking(jax.random.PRNGKey(3), len(x), n, 1 - keep / n)
   ids_keep, ids_restore = np.asarray(mask.ids_keep), np.asarray(mask.ids_restore)
   with torch.no_grad():
     t = vit.patch_embed(to_torch(x)) + vit.pos_embed[:, 1:]
@@ -280,7 +283,7 @@ def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
     for blk in decoder['decoder_blocks']:
       y = blk(y)
     pred = decoder['decoder_pred'](decoder['decoder_norm'](y))[:, 1:]
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   ours_latent = jax.jit(modules.encoder.apply)({'params': variables['params']['encoder']}, x,
                                                ids_keep)
   ours_pred = jax.jit(modules.decoder.apply)({'params': variables['params']['decoder']},
@@ -293,15 +296,15 @@ def test_mae_file_imports_with_the_same_encoder_and_decoder_outputs(tmp_path):
 def test_mae_export_import_is_exact(tmp_path):
   """Our encoder and decoder written in MAE's layout (tools/export.py --decoder) read back exactly."""
   config = config_for('mae')
-  modules = models.make_modules(config)
+  modules = networks.make_modules(config)
   want = randomize_jax(init_variables(modules, config, jax.random.PRNGKey(0)), 0)
-  dims = models.vit_dims(config.model)
+  dims = models_vit.vit_dims(config.model)
   num_patches = (config.image_size // dims['patch_size']) ** 2
-  sd = dict(interop.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
-            **interop_state_dicts.decoder_to_mae(want['params']['decoder'], num_patches))
+  sd = dict(timm_vit.encoder_to_timm(want['params']['encoder'], dims, config.image_size),
+            **state_dicts.decoder_to_mae(want['params']['decoder'], num_patches))
   path = str(tmp_path / 'ours.mae.pth')
-  interop_files.write_torch(path, {'model': sd})
-  got = interop_files.load_variables(path, config)
+  torch_files.write_torch(path, {'model': sd})
+  got = torch_files.load_variables(path, config)
   for part in ('encoder', 'decoder'):
     jax.tree.map(np.testing.assert_array_equal, got['params'][part], want['params'][part])
 
@@ -309,13 +312,13 @@ def test_mae_export_import_is_exact(tmp_path):
 # ------------------------------------------------------------------------------------ timm, errors
 def test_timm_learned_cls_position_is_folded_into_the_cls_token():
   config = config_for('macrl')
-  vit = randomize_torch(timm_vit(config), 5)
+  vit = randomize_torch(timm_model(config), 5)
   width, grid = 64, 4
   with torch.no_grad():
-    vit.pos_embed[:, 1:].copy_(torch.from_numpy(models.sincos_2d(width, grid)))
+    vit.pos_embed[:, 1:].copy_(torch.from_numpy(models_vit.sincos_2d(width, grid)))
   assert vit.pos_embed[0, 0].abs().max() > 0  # a learned cls position
   sd = {k: v.numpy() for k, v in vit.state_dict().items()}
-  variables = interop_state_dicts.variables_from_state_dict(sd, config)
+  variables = state_dicts.variables_from_state_dict(sd, config)
   x = images(config)
   with torch.no_grad():
     theirs = vit(to_torch(x)).numpy()
@@ -328,8 +331,8 @@ def test_bad_files_fail_with_a_message_naming_the_problem(tmp_path):
   make_mocov3_file(path, config)
 
   def fails(match, cfg=config, file=path, **kw):
-    with pytest.raises(interop.InteropError, match=match):
-      interop_files.load_variables(file, cfg, **kw)
+    with pytest.raises(timm_vit.InteropError, match=match):
+      torch_files.load_variables(file, cfg, **kw)
 
   # Shapes that do not match the config: the tensor, both shapes and the field.
   fails(r'"patch_embed.proj.weight" has shape \(64, 3, 4, 4\) but the config expects '
@@ -344,7 +347,7 @@ def test_bad_files_fail_with_a_message_naming_the_problem(tmp_path):
   # Another position-embedding grid: only with the explicit opt-in.
   bigger = config_for('mocov3', image_size=32)
   fails(r'"pos_embed" has shape \(1, 17, 64\) .*expects \(1, 65, 64\).*init_interpolate_pos', bigger)
-  assert interop_files.load_variables(path, bigger, interpolate_pos=True)['params']['encoder']
+  assert torch_files.load_variables(path, bigger, interpolate_pos=True)['params']['encoder']
   # Not a state dict; a pickle of something else; an unknown layout; learned position embeddings.
   torch.save([1, 2, 3], str(tmp_path / 'list.pth'))
   fails('not a state dict', file=str(tmp_path / 'list.pth'))
@@ -353,7 +356,7 @@ def test_bad_files_fail_with_a_message_naming_the_problem(tmp_path):
   fails(r'weights_only=True', file=str(tmp_path / 'evil.pth'))
   torch.save({'model': {'fc.weight': torch.zeros(2, 2)}}, str(tmp_path / 'resnet.pth'))
   fails(r'not a ViT state dict of a known layout', file=str(tmp_path / 'resnet.pth'))
-  vit = randomize_torch(timm_vit(config))
+  vit = randomize_torch(timm_model(config))
   torch.save(vit.state_dict(), str(tmp_path / 'learned.pth'))
   fails(r'not a fixed 2-D sin-cos table', file=str(tmp_path / 'learned.pth'))
   fails(r'has no momentum encoder', file=str(tmp_path / 'learned.pth'), encoder='momentum')
@@ -369,7 +372,7 @@ def mocov3_workdir(digits_dir, tmp_path_factory):
 
 
 def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
-  from macrl_jax import workdir
+  from macrl_jax.run import restore
   out = str(tmp_path / 'enc.safetensors')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'export.py'),
@@ -381,7 +384,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
   scope = {}
   exec('\n'.join(code), scope)  # the two printed lines, as a user pastes them
   model = scope['model'].eval()
-  restored = workdir.load_workdir(mocov3_workdir, params='momentum')
+  restored = restore.load_workdir(mocov3_workdir, params='momentum')
   x = images(restored.config)
   ours = encoder_features(restored.modules.encoder, restored.encoder_params, x)
   with torch.no_grad():
@@ -389,7 +392,7 @@ def test_export_tool_writes_what_timm_loads_strictly(mocov3_workdir, tmp_path):
 
 
 def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
-  from macrl_jax import workdir
+  from macrl_jax.run import restore
   config = digits_config(digits_dir, 'mimco', total_steps=4, checkpoint_every_steps=2)
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
@@ -397,26 +400,27 @@ def test_mimco_runs_with_a_mocov3_file_as_teacher(digits_dir, tmp_path):
   metrics = train.train_and_evaluate(config, str(tmp_path / 'student'))
   assert np.isfinite(metrics['loss'])
   # The teacher carried in the student's checkpoints is the file's momentum encoder and projector.
-  state = workdir.load_workdir(str(tmp_path / 'student')).state
-  want = interop_files.load_variables(path, mimco_teacher_config(config), encoder='momentum',
+  state = restore.load_workdir(str(tmp_path / 'student')).state
+  want = torch_files.load_variables(path, mimco_teacher_config(config), encoder='momentum',
                                       parts=('encoder', 'projector'))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['teacher']), want)
 
 
 def mimco_teacher_config(config):
-  from macrl_jax import mimco
+  from macrl_jax.methods import mimco
   return mimco.teacher_config(config)
 
 
 def test_init_loads_the_file_into_the_train_state(tmp_path):
-  from macrl_jax import build, sharding
+  from macrl_jax import sharding
+  from macrl_jax.methods import build
   config = config_for('mocov3')
   path = str(tmp_path / 'moco.pth.tar')
   make_mocov3_file(path, config)
   config.init = path
   state = jax.device_get(build.build(config, sharding.make_mesh()).init_state())
-  online = interop_files.load_variables(path, config)
-  momentum = interop_files.load_variables(path, config, encoder='momentum')
+  online = torch_files.load_variables(path, config)
+  momentum = torch_files.load_variables(path, config, encoder='momentum')
   for part in ('encoder', 'projector', 'predictor'):
     jax.tree.map(np.testing.assert_array_equal, state['params'][part], online['params'][part])
   for part in ('encoder', 'projector'):
@@ -431,14 +435,14 @@ def test_init_loads_the_file_into_the_train_state(tmp_path):
 
 def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
   path = str(tmp_path / 'moco.pth.tar')
-  from macrl_jax import workdir
-  config = workdir.load_config(mocov3_workdir)
+  from macrl_jax.run import restore
+  config = restore.load_config(mocov3_workdir)
   online, _, _ = make_mocov3_file(path, config)
   out = str(tmp_path / 'feats.npz')
   run_tool_in_process('extract_features', f'--workdir={mocov3_workdir}', f'--init={path}',
                       f'--out={out}')
   feats = np.load(out)['features']
-  restored = workdir.load_init_file(mocov3_workdir, path)
+  restored = restore.load_init_file(mocov3_workdir, path)
   x = images(config)
   ours = encoder_features(restored.modules.encoder, restored.encoder_params, x)
   perm = np.concatenate([np.arange(32, 64), np.arange(32)])
@@ -449,8 +453,9 @@ def test_tools_evaluate_a_pytorch_file(mocov3_workdir, tmp_path):
 
 
 def test_the_core_does_not_import_torch():
-  code = ('import sys; from macrl_jax import train, build, teacher, workdir, finetune, interop, '
-          'features; bad = [m for m in sys.modules if m.split(".")[0] in '
+  code = ('import sys; from macrl_jax.run import train, teacher, restore, finetune; '
+          'from macrl_jax.methods import build; from macrl_jax.interop import timm_vit; '
+          'from macrl_jax.evals import features; bad = [m for m in sys.modules if m.split(".")[0] in '
           '("torch", "timm", "safetensors")]; assert not bad, bad')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                         timeout=300)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from macrl_jax import losses
+from macrl_jax.methods import losses
 
 
 def np_reconstruction(pred, target, mask, norm_pix, kind):

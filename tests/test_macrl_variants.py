@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from helpers import fixed_batch, tiny_config
-from macrl_jax import build, models, presets, sharding, train_step
+from macrl_jax import sharding
+from macrl_jax.config import schema
+from macrl_jax.methods import build, train_step
+from macrl_jax.models import vit
 
 
 def test_the_defaults_build_the_step_without_any_variant():
@@ -18,13 +21,13 @@ def test_the_defaults_build_the_step_without_any_variant():
   assert 'feature_decoder' not in built.abstract_state['params']
   # Without a masked view (mocov3) there is nothing to complete: no feature decoder.
   mocov3 = tiny_config('mocov3', **{'model.feature_decoder_depth': 1})
-  assert not presets.uses_feature_decoder(mocov3)
+  assert not schema.uses_feature_decoder(mocov3)
 
 
 def test_feature_decoder_puts_the_visible_tokens_at_their_positions():
   n, k, d = 16, 4, 8
-  decoder = models.FeatureDecoder(num_patches=n, depth=1, num_heads=2, mlp_dim=16)
-  mask = models.random_masking(jax.random.PRNGKey(0), 2, n, 0.75)
+  decoder = vit.FeatureDecoder(num_patches=n, depth=1, num_heads=2, mlp_dim=16)
+  mask = vit.random_masking(jax.random.PRNGKey(0), 2, n, 0.75)
   tokens = jax.random.normal(jax.random.PRNGKey(1), (2, 1 + k, d))
   params = decoder.init(jax.random.PRNGKey(2), tokens, mask.ids_restore)['params']
   assert set(params) == {'mask_token', 'transformer'}
@@ -32,10 +35,10 @@ def test_feature_decoder_puts_the_visible_tokens_at_their_positions():
   assert out.shape == (2, 1 + n, d)
   # Depth 0 shows the layout the blocks get: visible token i at patch ids_keep[i], the mask token
   # elsewhere, each plus its position embedding (then the final norm).
-  layout = models.FeatureDecoder(n, 0, 2, 16).apply({'params': params}, tokens, mask.ids_restore)
+  layout = vit.FeatureDecoder(n, 0, 2, 16).apply({'params': params}, tokens, mask.ids_restore)
   want = np.array(np.broadcast_to(params['mask_token'], (2, n, d)))
   np.put_along_axis(want, np.asarray(mask.ids_keep)[..., None], np.asarray(tokens[:, 1:]), axis=1)
-  want = np.concatenate([tokens[:, :1], want + models.sincos_2d(d, 4)[None]], axis=1)
+  want = np.concatenate([tokens[:, :1], want + vit.sincos_2d(d, 4)[None]], axis=1)
   ln = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(layout, ln(want), atol=1e-4)
 

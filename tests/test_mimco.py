@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from helpers import REPO, as_a_user_runs_it, digits_config, override
-from macrl_jax import build, losses, mimco, sharding, teacher, train, workdir
+from macrl_jax import sharding
+from macrl_jax.methods import build, losses, mimco
+from macrl_jax.run import restore, teacher, train
 
 
 def np_patch_infonce(pred, target, ids_masked, t, negatives):
@@ -96,7 +98,7 @@ def test_mimco_workdir_is_self_contained(digits_dir, teacher_dir, tmp_path):
   spec = json.load(open(os.path.join(student, 'config.json')))['teacher']['spec']
   assert spec['method'] == 'mocov3' and spec['model']['variant'] == 'mu/4'
   # The student's checkpoint holds the teacher's momentum networks, untouched by the steps.
-  saved = jax.device_get(workdir.load_workdir(student).state['teacher'])
+  saved = jax.device_get(restore.load_workdir(student).state['teacher'])
   jax.tree.map(np.testing.assert_array_equal, saved,
                jax.device_get(teacher.load(config, sharding.make_mesh())))
 

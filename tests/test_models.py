@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from helpers import stack_blocks
-from macrl_jax import models, presets
+from macrl_jax.config import schema
+from macrl_jax.methods import networks
+from macrl_jax.models import vit
 
 
 @pytest.mark.parametrize('num_patches,ratio', [(16, 0.75), (64, 0.75), (64, 0.25), (49, 0.6), (10, 0.5)])
 def test_masking_keeps_exactly_int_n_visible(num_patches, ratio):
-  m = models.random_masking(jax.random.PRNGKey(0), 32, num_patches, ratio)
+  m = vit.random_masking(jax.random.PRNGKey(0), 32, num_patches, ratio)
   keep = int(num_patches * (1 - ratio))  # truncated, as MAE
   assert m.ids_keep.shape == (32, keep)
   np.testing.assert_array_equal(m.mask.sum(axis=1), num_patches - keep)
@@ -24,9 +26,9 @@ def test_masking_keeps_exactly_int_n_visible(num_patches, ratio):
 
 def test_masking_differs_per_example_and_per_view_and_is_deterministic():
   rng = jax.random.PRNGKey(3)
-  a = models.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
-  b = models.random_masking(jax.random.fold_in(rng, 1), 16, 64, 0.75)
-  again = models.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
+  a = vit.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
+  b = vit.random_masking(jax.random.fold_in(rng, 1), 16, 64, 0.75)
+  again = vit.random_masking(jax.random.fold_in(rng, 0), 16, 64, 0.75)
   masks = np.asarray(a.mask)
   assert len({row.tobytes() for row in masks}) == 16, 'every example should get its own mask'
   assert not np.array_equal(a.mask, b.mask), 'the two views should get different masks'
@@ -35,7 +37,7 @@ def test_masking_differs_per_example_and_per_view_and_is_deterministic():
 
 
 def test_ids_restore_unshuffles():
-  m = models.random_masking(jax.random.PRNGKey(1), 4, 16, 0.5)
+  m = vit.random_masking(jax.random.PRNGKey(1), 4, 16, 0.5)
   tokens = jnp.arange(16)[None].repeat(4, 0)
   kept = jnp.take_along_axis(tokens, m.ids_keep, axis=1)
   rest = jnp.full((4, 8), -1)
@@ -46,9 +48,9 @@ def test_ids_restore_unshuffles():
 @pytest.mark.parametrize('size,patch', [(16, 4), (32, 8), (8, 2)])
 def test_patchify_unpatchify_identity(size, patch):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, size, size, 3))
-  p = models.patchify(x, patch)
+  p = vit.patchify(x, patch)
   assert p.shape == (3, (size // patch) ** 2, patch * patch * 3)
-  np.testing.assert_array_equal(models.unpatchify(p, patch), x)
+  np.testing.assert_array_equal(vit.unpatchify(p, patch), x)
   # Patch k is the k-th block in row-major order.
   np.testing.assert_array_equal(p[:, 1].reshape(3, patch, patch, 3), x[:, :patch, patch:2 * patch])
 
@@ -67,14 +69,14 @@ def _mae_sincos_reference(embed_dim, grid_size):
 
 
 def test_sincos_matches_mae():
-  np.testing.assert_allclose(models.sincos_2d(64, 7), _mae_sincos_reference(64, 7), atol=1e-6)
+  np.testing.assert_allclose(vit.sincos_2d(64, 7), _mae_sincos_reference(64, 7), atol=1e-6)
 
 
 def _encoder_flops(encoder, params, images, ratio):
   num_patches = (images.shape[1] // encoder.patch_size) ** 2
   ids = None
   if ratio > 0:
-    ids = models.random_masking(jax.random.PRNGKey(0), images.shape[0], num_patches, ratio).ids_keep
+    ids = vit.random_masking(jax.random.PRNGKey(0), images.shape[0], num_patches, ratio).ids_keep
   fn = jax.jit(lambda p, x, i: encoder.apply({'params': p}, x, i))
   cost = fn.lower(params, images, ids).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -82,7 +84,7 @@ def _encoder_flops(encoder, params, images, ratio):
 
 
 def test_encoder_flops_fall_with_mask_ratio():
-  encoder = models.Encoder(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256)
+  encoder = vit.Encoder(patch_size=4, width=64, depth=2, num_heads=2, mlp_dim=256)
   images = jnp.zeros((4, 32, 32, 3))
   params = jax.jit(encoder.init)(jax.random.PRNGKey(0), images)['params']
   full, masked = (_encoder_flops(encoder, params, images, r) for r in (0.0, 0.75))
@@ -91,50 +93,50 @@ def test_encoder_flops_fall_with_mask_ratio():
 
 def test_encoder_and_decoder_shapes(make_config):
   c = make_config('macrl')
-  mods = models.make_modules(c)
-  variables = jax.eval_shape(lambda: models.init_variables(mods, c, jax.random.PRNGKey(0)))
+  mods = networks.make_modules(c)
+  variables = jax.eval_shape(lambda: networks.init_variables(mods, c, jax.random.PRNGKey(0)))
   x = jnp.ones((2, 16, 16, 3))
-  m = models.random_masking(jax.random.PRNGKey(1), 2, 16, 0.75)
+  m = vit.random_masking(jax.random.PRNGKey(1), 2, 16, 0.75)
   z = jax.eval_shape(mods.encoder.apply, {'params': variables['params']['encoder']}, x, m.ids_keep)
   assert z.shape == (2, 1 + 4, 64)
   recon = jax.eval_shape(mods.decoder.apply, {'params': variables['params']['decoder']}, z,
                          m.ids_restore)
   assert recon.shape == (2, 16, 4 * 4 * 3)
-  assert jax.eval_shape(lambda t: models.pool(t, 'mean'), z).shape == (2, 64)
+  assert jax.eval_shape(lambda t: vit.pool(t, 'mean'), z).shape == (2, 64)
 
 
 def test_modules_per_method(make_config):
-  mae = models.make_modules(make_config('mae'))
+  mae = networks.make_modules(make_config('mae'))
   assert mae.decoder is not None and mae.projector is None and mae.predictor is None
-  moco = models.make_modules(make_config('mocov3'))
+  moco = networks.make_modules(make_config('mocov3'))
   assert moco.decoder is None and moco.projector is not None and moco.predictor is not None
 
 
 def test_variants():
-  c = presets.base_config()
+  c = schema.base_config()
   for variant, width in [('Ti/16', 192), ('S/4', 384), ('B/16', 768), ('L/14', 1024)]:
     c.model.variant = variant
-    dims = models.vit_dims(c.model)
+    dims = vit.vit_dims(c.model)
     assert dims['width'] == width and dims['patch_size'] == int(variant.split('/')[1])
 
 
 @pytest.mark.parametrize('remat', [False, True])
 def test_scanned_blocks_compute_the_same_as_the_loop(remat):
   kw = dict(patch_size=4, width=32, depth=3, num_heads=2, mlp_dim=64, drop_path=0.2, remat=remat)
-  loop, scanned = models.Encoder(**kw), models.Encoder(**kw, scan=True)
+  loop, scanned = vit.Encoder(**kw), vit.Encoder(**kw, scan=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
   params = jax.jit(loop.init)(jax.random.PRNGKey(1), x)['params']
   stacked = jax.eval_shape(scanned.init, jax.random.PRNGKey(1), x)['params']
   assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, stack_blocks(params))
   assert stacked['transformer']['blocks']['mlp_in']['kernel'].shape == (3, 32, 64)
-  ids = models.random_masking(jax.random.PRNGKey(2), 4, 16, 0.5).ids_keep
+  ids = vit.random_masking(jax.random.PRNGKey(2), 4, 16, 0.5).ids_keep
   np.testing.assert_allclose(jax.jit(scanned.apply)({'params': stack_blocks(params)}, x, ids),
                              jax.jit(loop.apply)({'params': params}, x, ids), atol=1e-5)
 
 
 def test_scanned_drop_path_increases_per_layer():
   """Under scan each layer gets its own rate: 0 for the first block, drop_path (0.5) for the last."""
-  enc = models.Encoder(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, drop_path=0.5,
+  enc = vit.Encoder(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64, drop_path=0.5,
                        scan=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 8, 8, 3))
   params = jax.jit(enc.init)(jax.random.PRNGKey(1), x)['params']

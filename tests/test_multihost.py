@@ -10,7 +10,9 @@ import jax
 import numpy as np
 
 from helpers import MULTIHOST, REPO, digits_config, fixed_batch, without_gradient_free
-from macrl_jax import build, checkpoint, sharding
+from macrl_jax import sharding
+from macrl_jax.methods import build
+from macrl_jax.run import checkpoint
 
 
 def tf_summary_tags(workdir) -> set[str]:

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from helpers import fixed_batch, tiny_config
-from macrl_jax import (build, classifier, interop, interop_checkpoints, interop_files, losses,
-                       models, optim, presets, sharding)
+from macrl_jax import sharding
+from macrl_jax.config import schema
+from macrl_jax.interop import mocov3_files, timm_vit, torch_files
+from macrl_jax.methods import build, classifier, losses, networks, optim
+from macrl_jax.models import heads, vit as models_vit
 
 sys.modules.setdefault('triton', None)  # see test_interop.py: never needed on CPU
 torch = pytest.importorskip('torch', reason='the parity tests compare against PyTorch: '
@@ -58,7 +61,7 @@ def test_visible_patches_are_as_many_as_in_mae_random_masking(num_patches, ratio
   noise = torch.rand(3, num_patches)
   len_keep = int(num_patches * (1 - ratio))  # MAE's random_masking
   ids_keep = torch.argsort(noise, dim=1)[:, :len_keep]
-  mask = models.random_masking(jax.random.PRNGKey(0), 3, num_patches, ratio)
+  mask = models_vit.random_masking(jax.random.PRNGKey(0), 3, num_patches, ratio)
   assert mask.ids_keep.shape == tuple(ids_keep.shape)
   assert float(mask.mask.sum()) == 3 * (num_patches - len_keep)
 
@@ -66,7 +69,7 @@ def test_visible_patches_are_as_many_as_in_mae_random_masking(num_patches, ratio
 # ------------------------------------------------------------------------------------ BatchNorm
 def test_batchnorm_matches_torch_batchnorm1d():
   x = np.random.RandomState(0).randn(8, 6).astype(np.float32) * 3 + 1
-  bn = models.BatchNorm(use_running_average=False)
+  bn = heads.BatchNorm(use_running_average=False)
   variables = bn.init(jax.random.PRNGKey(0), x)
   y, updated = bn.apply(variables, x, mutable=['batch_stats'])
   ref = nn.BatchNorm1d(6)
@@ -74,7 +77,7 @@ def test_batchnorm_matches_torch_batchnorm1d():
   assert_close(y, y_ref.detach(), atol=1e-6)
   assert_close(updated['batch_stats']['mean'], ref.running_mean)
   assert_close(updated['batch_stats']['var'], ref.running_var)  # the unbiased batch variance
-  frozen = models.BatchNorm(use_running_average=True)
+  frozen = heads.BatchNorm(use_running_average=True)
   x2 = x[::-1] * 0.5
   ref.eval()
   assert_close(frozen.apply({**variables, **updated}, x2), ref(torch.from_numpy(x2.copy())).detach(),
@@ -99,16 +102,16 @@ def official_param_groups(sd: dict, method: str, weight_decay: float):
 def to_official(params: dict, config) -> dict:
   """Our params → one torch-named state dict: MAE's (encoder + decoder) or MoCo v3's (module.*)."""
   if config.method == 'mae':
-    from macrl_jax.interop_state_dicts import decoder_to_mae
-    dims = models.vit_dims(config.model)
-    sd = interop.encoder_to_timm(params['encoder'], dims, config.image_size)
+    from macrl_jax.interop.state_dicts import decoder_to_mae
+    dims = models_vit.vit_dims(config.model)
+    sd = timm_vit.encoder_to_timm(params['encoder'], dims, config.image_size)
     sd.update(decoder_to_mae(params['decoder'], (config.image_size // dims['patch_size']) ** 2))
     return sd
   stats = {head: {f'bn{i}': {'mean': 0.0, 'var': 0.0} for i in range(layers)}
            for head, layers in (('projector', 3), ('predictor', 2))}
-  parts = interop_checkpoints.mocov3_parts(params, stats, None, None, config)
+  parts = mocov3_files.mocov3_parts(params, stats, None, None, config)
   return {f'{part}.{k}': v for part, sd in parts.items() for k, v in sd.items()
-          if k.split('.')[-1] not in interop_checkpoints.BUFFERS}
+          if k.split('.')[-1] not in mocov3_files.BUFFERS}
 
 
 @pytest.mark.parametrize('method', ['mae', 'mocov3'])
@@ -118,7 +121,7 @@ def test_adamw_step_matches_the_official_parameter_groups(method):
   config = tiny_config(method, **{'optim.weight_decay': 0.5})
   lr = 0.05
   config.optim.base_lr = lr * 256 / config.batch_size
-  params = jax.device_get(models.init_variables(models.make_modules(config), config,
+  params = jax.device_get(networks.init_variables(networks.make_modules(config), config,
                                                 jax.random.PRNGKey(0))['params'])
   rs = np.random.RandomState(1)
   grads = [jax.tree.map(lambda p: rs.randn(*np.shape(p)).astype(np.float32), params)
@@ -144,7 +147,7 @@ def test_adamw_step_matches_the_official_parameter_groups(method):
 
 # ------------------------------------------------------------------------------------ init
 def test_heads_start_as_torch_linear_and_the_cls_token_as_each_method_does():
-  head = models.MLPHead(hidden=512, out=64, num_layers=2)
+  head = heads.MLPHead(hidden=512, out=64, num_layers=2)
   params = head.init(jax.random.PRNGKey(0), jnp.zeros((2, 256)))['params']
   ours = np.asarray(params['dense0']['kernel'])
   theirs = nn.Linear(256, 512, bias=False).weight.detach().numpy()
@@ -154,7 +157,7 @@ def test_heads_start_as_torch_linear_and_the_cls_token_as_each_method_does():
   assert ours.std() == pytest.approx(theirs.std(), rel=0.03)
   for method, std in (('mocov3', 1e-6), ('mae', 0.02)):
     config = tiny_config(method, **{'model.width': 256, 'model.num_heads': 4})
-    cls = models.make_modules(config).encoder.init(
+    cls = networks.make_modules(config).encoder.init(
         jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))['params']['cls']
     assert float(np.std(cls)) == pytest.approx(std, rel=0.15)
 
@@ -164,22 +167,22 @@ def test_global_pool_classifier_matches_timm_with_fc_norm():
   """MAE's global_pool fine-tuning model is timm's VisionTransformer(global_pool='avg'): no final
   norm, fc_norm on the mean of the patch tokens; its position table is a trained parameter."""
   config = tiny_config('mae')
-  dims = models.vit_dims(config.model)
-  encoder = classifier.finetuning_encoder(models.make_modules(config).encoder, 'mean', 0.0)
+  dims = models_vit.vit_dims(config.model)
+  encoder = classifier.finetuning_encoder(networks.make_modules(config).encoder, 'mean', 0.0)
   model = classifier.Classifier(encoder, 5, 'mean')
   x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
   params = jax.device_get(model.init(jax.random.PRNGKey(0), x)['params'])
   assert 'norm' not in params['encoder']['transformer']
   table = np.asarray(params['encoder']['pos_embedding'])
-  assert_close(table[0, 1:], models.sincos_2d(dims['width'], 4))
+  assert_close(table[0, 1:], models_vit.sincos_2d(dims['width'], 4))
   assert not table[0, 0].any()
   rs = np.random.RandomState(1)
   params = jax.tree.map(lambda p: p + 0.1 * rs.randn(*p.shape).astype(np.float32), params)
 
-  vit = timm.models.VisionTransformer(**dict(interop.timm_kwargs(dims, 16, 'mean'), fc_norm=None,
+  vit = timm.models.VisionTransformer(**dict(timm_vit.timm_kwargs(dims, 16, 'mean'), fc_norm=None,
                                              num_classes=5))
   enc = params['encoder']
-  sd = interop.encoder_to_timm(dict(enc, transformer=dict(enc['transformer'], norm={
+  sd = timm_vit.encoder_to_timm(dict(enc, transformer=dict(enc['transformer'], norm={
       'scale': np.ones(dims['width']), 'bias': np.zeros(dims['width'])})), dims, 16)
   del sd['norm.weight'], sd['norm.bias']
   sd['pos_embed'] = np.asarray(enc['pos_embedding'])
@@ -194,7 +197,7 @@ def test_global_pool_classifier_matches_timm_with_fc_norm():
 
 def test_pretrained_encoder_fills_the_finetuning_encoder():
   config = tiny_config('mae')
-  enc = models.make_modules(config).encoder
+  enc = networks.make_modules(config).encoder
   pretrained = enc.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))['params']
   ft = classifier.finetuning_encoder(enc, 'mean', 0.1)
   fresh = ft.init(jax.random.PRNGKey(2), jnp.zeros((1, 16, 16, 3)))['params']
@@ -210,7 +213,7 @@ def test_an_mae_training_checkpoint_with_args_imports(tmp_path):
   """MAE's save_model writes {'model', 'optimizer', 'epoch', 'scaler', 'args'}; args is an
   argparse.Namespace, the one global allowed. Any other global is refused, naming it."""
   config = tiny_config('mae')
-  params = jax.device_get(models.init_variables(models.make_modules(config), config,
+  params = jax.device_get(networks.init_variables(networks.make_modules(config), config,
                                                 jax.random.PRNGKey(0))['params'])
   sd = {k: torch.from_numpy(v.copy()) for k, v in to_official(params, config).items()}
   path = str(tmp_path / 'checkpoint-399.pth')
@@ -218,15 +221,15 @@ def test_an_mae_training_checkpoint_with_args_imports(tmp_path):
                             blr=1.5e-4, output_dir='./output_dir', device='cuda')
   torch.save({'model': sd, 'optimizer': {'state': {}, 'param_groups': []}, 'epoch': 399,
               'scaler': {'scale': 65536.0}, 'args': args}, path)
-  loaded, _ = interop_files.read_state_dict(path)
+  loaded, _ = torch_files.read_state_dict(path)
   assert set(loaded) == set(sd)
-  variables = interop_files.load_variables(path, config)
+  variables = torch_files.load_variables(path, config)
   assert_close(variables['params']['decoder']['mask_token'], params['decoder']['mask_token'])
 
   bad = str(tmp_path / 'other.pth')
   torch.save({'model': sd, 'extra': argparse.ArgumentParser}, bad)
-  with pytest.raises(interop.InteropError, match='Unsupported global.*ArgumentParser'):
-    interop_files.read_state_dict(bad)
+  with pytest.raises(timm_vit.InteropError, match='Unsupported global.*ArgumentParser'):
+    torch_files.read_state_dict(bad)
 
 
 def moco_mlp(num_layers, input_dim, mlp_dim, output_dim):
@@ -246,8 +249,8 @@ class MoCoViT(nn.Module):
 
   def __init__(self, config):
     super().__init__()
-    m, dims = config.model, models.vit_dims(config.model)
-    kwargs = dict(interop.timm_kwargs(dims, config.image_size, 'cls'), num_classes=m.proj_hidden)
+    m, dims = config.model, models_vit.vit_dims(config.model)
+    kwargs = dict(timm_vit.timm_kwargs(dims, config.image_size, 'cls'), num_classes=m.proj_hidden)
     for name in ('base_encoder', 'momentum_encoder'):
       vit = timm.models.VisionTransformer(**kwargs)
       vit.head = moco_mlp(3, dims['width'], m.proj_hidden, m.proj_dim)
@@ -276,7 +279,7 @@ def mocov3_checkpoint_file(tmp_path_factory):
     state, _ = built.step(state, sharding.make_global_batch(fixed_batch(config, seed), mesh))
   state = jax.device_get(state)
   path = str(tmp_path_factory.mktemp('moco') / 'checkpoint_0001.pth.tar')
-  interop_files.write_torch(path, interop_checkpoints.mocov3_checkpoint(state, config, 1, 1e-3))
+  torch_files.write_torch(path, mocov3_files.mocov3_checkpoint(state, config, 1, 1e-3))
   return config, state, path
 
 
@@ -296,7 +299,7 @@ def test_mocov3_checkpoint_resumes_in_main_moco(mocov3_checkpoint_file):
     assert adamw.state[p]['exp_avg'].shape == p.shape and float(adamw.state[p]['step']) == 2
   # The optimizer state of one tensor, looked up as torch does, is ours converted.
   qkv = model.module.base_encoder.blocks[1].attn.qkv.weight
-  mu = interop_checkpoints._adam_state(state['opt_state'])[1]
+  mu = mocov3_files._adam_state(state['opt_state'])[1]
   assert_close(adamw.state[qkv]['exp_avg'],
                np.asarray(mu['encoder']['transformer']['block01']['attn']['qkv']['kernel']).T)
   assert_close(model.module.momentum_encoder.head[1].running_var,
@@ -311,13 +314,13 @@ def test_mocov3_checkpoint_loads_in_main_lincls(mocov3_checkpoint_file):
   prefix = 'module.base_encoder.'
   kept = {k[len(prefix):]: v for k, v in state_dict.items()
           if k.startswith(prefix) and not k.startswith(prefix + 'head')}
-  dims = models.vit_dims(config.model)
-  vit = timm.models.VisionTransformer(**dict(interop.timm_kwargs(dims, 16, 'cls'), num_classes=10))
+  dims = models_vit.vit_dims(config.model)
+  vit = timm.models.VisionTransformer(**dict(timm_vit.timm_kwargs(dims, 16, 'cls'), num_classes=10))
   msg = vit.load_state_dict(kept, strict=False)
   assert set(msg.missing_keys) == {'head.weight', 'head.bias'} and not msg.unexpected_keys
   x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
-  encoder = models.make_modules(config).encoder
-  ours = models.pool(encoder.apply({'params': state['params']['encoder']}, x), 'cls')
+  encoder = networks.make_modules(config).encoder
+  ours = models_vit.pool(encoder.apply({'params': state['params']['encoder']}, x), 'cls')
   theirs = vit.eval().forward_head(vit.forward_features(torch.from_numpy(
       x.transpose(0, 3, 1, 2).copy())), pre_logits=True).detach()
   assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -325,11 +328,11 @@ def test_mocov3_checkpoint_loads_in_main_lincls(mocov3_checkpoint_file):
 
 def test_weight_decay_sets_are_what_each_method_names():
   config = tiny_config('macrl')
-  params = models.init_variables(models.make_modules(config), config,
+  params = networks.init_variables(networks.make_modules(config), config,
                                  jax.random.PRNGKey(0))['params']
   decayed = {jax.tree_util.keystr(p) for p, d in jax.tree_util.tree_leaves_with_path(
       optim.decay_mask(params, 'weights')) if d}
   assert "['encoder']['cls']" in decayed and "['decoder']['mask_token']" in decayed
   assert not any(k.endswith("['bias']") or k.endswith("['scale']") for k in decayed)
   assert all(jax.tree.leaves(optim.decay_mask(params, 'all')))
-  assert presets.base_config().optim.decay_params == 'weights'
+  assert schema.base_config().optim.decay_params == 'weights'

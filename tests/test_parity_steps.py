@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from helpers import fitting_config, fixed_batch
-from macrl_jax import build, interop, models, sharding, train_step
-from macrl_jax.interop_state_dicts import decoder_to_mae
+from macrl_jax import sharding
+from macrl_jax.interop import timm_vit
+from macrl_jax.interop.state_dicts import decoder_to_mae
+from macrl_jax.methods import build, train_step
+from macrl_jax.models import vit as models_vit
 
 sys.modules.setdefault('triton', None)  # see test_interop.py: never needed on CPU
 torch = pytest.importorskip('torch', reason='the parity tests compare against PyTorch: '
@@ -64,8 +67,8 @@ class MAE(nn.Module):
 
   def __init__(self, config, sd):
     super().__init__()
-    dims, m = models.vit_dims(config.model), config.model
-    self.vit = timm.models.VisionTransformer(**interop.timm_kwargs(dims, config.image_size, 'cls'))
+    dims, m = models_vit.vit_dims(config.model), config.model
+    self.vit = timm.models.VisionTransformer(**timm_vit.timm_kwargs(dims, config.image_size, 'cls'))
     self.decoder_embed = nn.Linear(dims['width'], m.decoder_width)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, m.decoder_width))
     self.decoder_blocks = nn.ModuleList([timm.models.vision_transformer.Block(
@@ -113,7 +116,7 @@ def test_mae_step_matches_the_official_step():
   for t in range(STEPS):
     # The step's mask, drawn as train_step draws it.
     rng = jax.random.fold_in(first['rng'], t)
-    mask = models.random_masking(jax.random.fold_in(rng, 0), config.batch_size, n,
+    mask = models_vit.random_masking(jax.random.fold_in(rng, 0), config.batch_size, n,
                                  config.mask_ratio_strong)
     x = torch_images(fixed_batch(config, t)['view1'])
     loss = model(x, *(torch.from_numpy(np.array(a)) for a in mask))
@@ -183,8 +186,8 @@ def test_mocov3_step_matches_the_official_step():
 
 
 def _moco_state_dict(state, config):
-  from macrl_jax import interop_checkpoints
-  parts = interop_checkpoints.mocov3_parts(state['params'], state['batch_stats'],
+  from macrl_jax.interop import mocov3_files
+  parts = mocov3_files.mocov3_parts(state['params'], state['batch_stats'],
                                            state['ema_params'], state['ema_batch_stats'], config,
                                            steps=int(state['step']) * 2)
   return {f'{part}.{k}': torch.from_numpy(np.array(v)) for part, sd in parts.items()

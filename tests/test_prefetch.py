@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from macrl_jax import prefetch, sharding
+from macrl_jax import sharding
+from macrl_jax.data import prefetch
 
 
 def test_prefetch_yields_global_batches_in_order_and_reads_ahead_by_size():

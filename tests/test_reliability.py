@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from helpers import REPO, digits_config
-from macrl_jax import config_checks, errors
+from macrl_jax import errors
+from macrl_jax.config import checks
 
 MAIN = str(REPO / 'main.py')
 
@@ -57,7 +58,7 @@ def test_config_mistakes_end_in_one_line_before_tensorflow_loads(args, expected)
 def test_numeric_fields_are_refused_before_compiling(make_config, field, value, expected):
   config = make_config(**{field: value})
   with pytest.raises(errors.UserError) as e:
-    config_checks.validate(config)
+    checks.validate(config)
   assert expected in str(e.value)
 
 
@@ -69,7 +70,7 @@ def test_negative_learning_rate_from_the_command_line_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------------- workdir
 def test_workdir_that_is_a_file_or_under_a_file_is_named(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   a_file = tmp_path / 'file'
   a_file.write_text('')
   with pytest.raises(errors.UserError, match=f'--workdir {a_file} is a file'):
@@ -95,7 +96,7 @@ def mutable(path):
 
 
 def test_unwritable_checkpoints_are_refused_before_training(digits_dir, tmp_path):
-  from macrl_jax import train
+  from macrl_jax.run import train
   ckpts = tmp_path / 'wd' / 'checkpoints'
   ckpts.mkdir(parents=True)
   immutable(ckpts)
@@ -109,15 +110,15 @@ def test_unwritable_checkpoints_are_refused_before_training(digits_dir, tmp_path
 
 def test_a_failed_save_stops_the_run_at_once_with_the_reason(digits_dir, tmp_path, monkeypatch):
   import time
-  from macrl_jax import checkpoint, train, workdir_setup
+  from macrl_jax.run import checkpoint, train, workdirs
   ckpts = tmp_path / 'wd' / 'checkpoints'
-  prepare = workdir_setup.prepare
+  prepare = workdirs.prepare
 
   def prepare_then_lock(workdir):  # writable at the start, not any more when saving
     prepare(workdir)
     immutable(ckpts)
 
-  monkeypatch.setattr(workdir_setup, 'prepare', prepare_then_lock)
+  monkeypatch.setattr(workdirs, 'prepare', prepare_then_lock)
   start = time.time()
   try:
     with pytest.raises(checkpoint.CheckpointSaveError, match=f'saving a checkpoint to {ckpts} '
@@ -133,7 +134,7 @@ def test_a_failed_save_stops_the_run_at_once_with_the_reason(digits_dir, tmp_pat
 
 def test_second_training_in_a_workdir_is_refused_and_a_stale_lock_taken_over(digits_dir, tmp_path):
   import socket
-  from macrl_jax import train
+  from macrl_jax.run import train
   workdir = tmp_path / 'wd'
   workdir.mkdir()
   holder = subprocess.Popen(['sleep', '600'])
@@ -153,7 +154,7 @@ def test_second_training_in_a_workdir_is_refused_and_a_stale_lock_taken_over(dig
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
-  from macrl_jax import writers
+  from macrl_jax.run import writers
   log = writers.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
   for step in (2, 4, 6, 8):
     log.write_scalars(step, {'loss': 1.0})
@@ -167,7 +168,7 @@ def test_ctrl_c_saves_like_sigterm_then_stops(digits_dir, tmp_path):
   import signal
   import threading
   import time
-  from macrl_jax import train
+  from macrl_jax.run import train
   metrics = tmp_path / 'wd' / 'metrics.jsonl'
 
   def interrupt_after_the_first_log():
@@ -186,7 +187,8 @@ def test_ctrl_c_saves_like_sigterm_then_stops(digits_dir, tmp_path):
 
 # ----------------------------------------------------------------------------------- out of memory
 def test_out_of_memory_names_the_bytes_and_the_fixes(digits_dir, tmp_path, monkeypatch):
-  from macrl_jax import build, train
+  from macrl_jax.methods import build
+  from macrl_jax.run import train
 
   def make_a_step_too_big(*args):
     def step(state, batch):
@@ -206,15 +208,15 @@ def test_out_of_memory_names_the_bytes_and_the_fixes(digits_dir, tmp_path, monke
 # ----------------------------------------------------------------------------------- tools
 def test_tools_never_change_a_workdir_and_name_an_unreadable_step(digits_dir, tmp_path):
   import glob
-  from macrl_jax import checkpoint, train, workdir
+  from macrl_jax.run import checkpoint, restore, train
   wd = tmp_path / 'wd'
   train.train_and_evaluate(digits_config(digits_dir, checkpoint_every_steps=8), str(wd))
   for f in glob.glob(str(wd / 'checkpoints' / '8' / 'state' / 'd' / '*')):
     os.remove(f)  # torn: its array data is gone
-  with pytest.raises(workdir.WorkdirError, match='no readable checkpoint'):
-    workdir.load_workdir(str(wd))
+  with pytest.raises(restore.WorkdirError, match='no readable checkpoint'):
+    restore.load_workdir(str(wd))
   with pytest.raises(checkpoint.UnreadableCheckpointError) as e:
-    workdir.load_workdir(str(wd), step=8)
+    restore.load_workdir(str(wd), step=8)
   assert str(e.value).startswith('checkpoint step 8 is unreadable (') and '\n' not in str(e.value)
   # The command line prints that line alone.
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'linear_probe.py'),
@@ -240,7 +242,7 @@ def folder_config(root, data_dir, **overrides):
 
 
 def test_an_edited_image_folder_is_prepared_again(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root)
   c = folder_config(root, tmp_path / 'tfds', num_classes=2)
@@ -250,7 +252,7 @@ def test_an_edited_image_folder_is_prepared_again(tmp_path):
 
 
 def test_num_classes_is_checked_against_the_folder(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root, classes=('cat', 'dog', 'eel'), per_class=1)
   with pytest.raises(errors.UserError, match=r'config.num_classes: 2, .* has 3 classes'):
@@ -258,7 +260,7 @@ def test_num_classes_is_checked_against_the_folder(tmp_path):
 
 
 def test_every_corrupt_image_is_listed_in_one_message(tmp_path):
-  from macrl_jax import input_pipeline
+  from macrl_jax.data import input_pipeline
   root = tmp_path / 'pets'
   write_folder(root)
   bad = [root / 'train' / 'cat' / 'bad1.jpg', root / 'train' / 'dog' / 'bad2.png']

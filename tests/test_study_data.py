@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from helpers import SHARED_DATA, digits_config, load_config, override
-from macrl_jax import config_checks, finetune, input_pipeline, presets
-from macrl_jax.datasets import splits
+from macrl_jax.config import checks, schema
+from macrl_jax.data import input_pipeline
+from macrl_jax.data.datasets import splits
+from macrl_jax.run import finetune
 
 CIFAR10 = SHARED_DATA / 'cifar10'
 
@@ -57,8 +59,8 @@ def test_label_fraction_must_be_in_0_1():
   c = load_config('cifar10_study', 'method=mae')
   for field in ('data.label_fraction', 'finetune.label_fraction'):
     with pytest.raises(Exception, match=field.replace('.', r'\.')):
-      config_checks.validate(override(load_config('cifar10_study', 'method=mae'), {field: 0.0}))
-  config_checks.validate(c)
+      checks.validate(override(load_config('cifar10_study', 'method=mae'), {field: 0.0}))
+  checks.validate(c)
 
 
 @pytest.mark.parametrize('method', ['macrl', 'mae', 'mocov3'])
@@ -67,8 +69,8 @@ def test_cifar10_study_config_reads_the_shared_folder(method):
   assert c.dataset == f'folder:{CIFAR10.resolve()}' and c.method == method
   assert (c.train_split, c.test_split, c.num_classes, c.image_size) == ('train', 'test', 10, 32)
   assert c.finetune.label_fraction == 0.1 and c.data.label_fraction == 1.0  # pre-training: all
-  config_checks.validate(c)
-  assert presets.uses_contrastive(c) == (method != 'mae')
+  checks.validate(c)
+  assert schema.uses_contrastive(c) == (method != 'mae')
 
 
 @pytest.mark.slow

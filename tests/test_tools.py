@@ -22,8 +22,10 @@ from PIL import Image
 
 from helpers import (REPO, SHARED_DATA, digits_config, load_config, override,
                      run_tool_in_process as tool)
-from macrl_jax import (accuracy, checkpoint, classifier, features, finetune, input_pipeline, knn,
-                       mixup, probe, train, workdir)
+from macrl_jax.data import input_pipeline, mixup
+from macrl_jax.evals import accuracy, features, knn, probe
+from macrl_jax.methods import classifier
+from macrl_jax.run import checkpoint, finetune, restore, train
 
 TINY_IMAGENET_10 = SHARED_DATA / 'tiny-imagenet-10'
 
@@ -65,29 +67,29 @@ def mae_run(digits_dir, tmp_path_factory):
 # ----------------------------------------------------------------------------------- errors
 def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_path):
   missing = tmp_path / 'missing'
-  with pytest.raises(workdir.WorkdirError, match=r'does not exist; pre-train first with python '
+  with pytest.raises(restore.WorkdirError, match=r'does not exist; pre-train first with python '
                      r'main.py --workdir='):
-    workdir.load_workdir(str(missing))
+    restore.load_workdir(str(missing))
 
   os.makedirs(tmp_path / 'empty')
-  with pytest.raises(workdir.WorkdirError, match='has no config.json'):
-    workdir.load_workdir(str(tmp_path / 'empty'))
+  with pytest.raises(restore.WorkdirError, match='has no config.json'):
+    restore.load_workdir(str(tmp_path / 'empty'))
 
   # A run that died before its first checkpoint: config.json only.
   os.makedirs(tmp_path / 'fresh')
   shutil.copy(os.path.join(macrl_run['workdir'], 'config.json'), tmp_path / 'fresh')
-  with pytest.raises(workdir.WorkdirError) as e:
-    workdir.load_workdir(str(tmp_path / 'fresh'))
+  with pytest.raises(restore.WorkdirError) as e:
+    restore.load_workdir(str(tmp_path / 'fresh'))
   assert str(e.value) == (f'no checkpoint in {tmp_path / "fresh" / "checkpoints"}; pre-train '
                           f'first with python main.py --workdir={tmp_path / "fresh"} ...')
   assert not os.path.exists(tmp_path / 'fresh' / 'checkpoints'), 'a tool must not create it'
 
-  with pytest.raises(workdir.WorkdirError, match=r'no checkpoint at step 7 .*available steps: '
+  with pytest.raises(restore.WorkdirError, match=r'no checkpoint at step 7 .*available steps: '
                      r'\[20, 40\]'):
-    workdir.load_workdir(macrl_run['workdir'], step=7)
+    restore.load_workdir(macrl_run['workdir'], step=7)
 
-  with pytest.raises(workdir.WorkdirError, match='method=mae has no momentum encoder'):
-    workdir.load_workdir(mae_run, params='momentum')
+  with pytest.raises(restore.WorkdirError, match='method=mae has no momentum encoder'):
+    restore.load_workdir(mae_run, params='momentum')
 
   # The command line prints the message, not a traceback, and exits with status 2.
   proc = run_tool('linear_probe', f'--workdir={macrl_run["workdir"]}', '--step=7')
@@ -98,19 +100,19 @@ def test_every_unusable_workdir_fails_with_what_to_do(macrl_run, mae_run, tmp_pa
 
 def test_visualize_refuses_a_method_without_pixel_decoder():
   from helpers import tiny_config
-  model = workdir.random_init(tiny_config('mocov3'))
-  with pytest.raises(workdir.WorkdirError, match='method=mocov3 has no pixel decoder'):
-    workdir.require_pixel_decoder(model)
+  model = restore.random_init(tiny_config('mocov3'))
+  with pytest.raises(restore.WorkdirError, match='method=mocov3 has no pixel decoder'):
+    restore.require_pixel_decoder(model)
 
 
 # ----------------------------------------------------------------------------------- restore
 def test_restore_picks_the_step_and_the_encoder(macrl_run, digits_dir):
-  latest = workdir.load_workdir(macrl_run['workdir'], data_dir=digits_dir)
+  latest = restore.load_workdir(macrl_run['workdir'], data_dir=digits_dir)
   assert latest.step == 40 and latest.config.method == 'macrl'
   assert latest.config.data_dir == digits_dir
   assert latest.decoder_params is not None
-  early = workdir.load_workdir(macrl_run['workdir'], step=20)
-  momentum = workdir.load_workdir(macrl_run['workdir'], params='momentum')
+  early = restore.load_workdir(macrl_run['workdir'], step=20)
+  momentum = restore.load_workdir(macrl_run['workdir'], params='momentum')
   assert early.step == 20 and momentum.params == 'momentum'
   leaf = lambda r: np.asarray(r.encoder_params['embedding']['kernel'])
   np.testing.assert_array_equal(leaf(momentum),
@@ -184,9 +186,9 @@ def test_few_shot_draws_n_per_class_differently_per_seed():
 
 # ----------------------------------------------------------------------------------- fine-tuning
 def test_layer_wise_lr_multipliers():
-  from macrl_jax import models
+  from macrl_jax.models import vit
   depth, decay = 4, 0.5
-  encoder = models.Encoder(4, 16, depth, 2, 32)
+  encoder = vit.Encoder(4, 16, depth, 2, 32)
   for scan in (False, True):
     model = classifier.Classifier(encoder.clone(scan=scan), 10, 'mean')
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))['params']
@@ -222,7 +224,7 @@ def test_mixup_and_cutmix_mix_the_labels_as_the_pixels():
 
 
 def test_finetune_resumes_to_the_same_state(macrl_run):
-  restored = workdir.load_workdir(macrl_run['workdir'])
+  restored = restore.load_workdir(macrl_run['workdir'])
   args = override(finetune.default_args(), dict(epochs=0.36, batch_size=64,
                                                 checkpoint_every_steps=4, log_every_steps=4))
   full = finetune.finetune(restored, args, 'ft_resume')  # 1437 // 64 = 22 steps/epoch · 0.36 → 8
@@ -245,7 +247,7 @@ def test_finetune_resumes_to_the_same_state(macrl_run):
   jax.tree.map(np.testing.assert_array_equal, final_state(), before)
 
   # Other arguments in the same folder: an error, not a silently mixed run.
-  with pytest.raises(workdir.WorkdirError, match=r'other arguments \(base_lr=0.001\)'):
+  with pytest.raises(restore.WorkdirError, match=r'other arguments \(base_lr=0.001\)'):
     finetune.finetune(restored, override(args, {'base_lr': 0.01}), 'ft_resume')
 
 
@@ -264,7 +266,7 @@ def test_each_tool_runs_on_a_tiny_pretraining_run(macrl_run, digits_dir):
   feats, labels = features.load(extracted['out'])
   assert feats.shape == (360, 64) and np.isfinite(feats).all()
   # Every example once, in order, although 360 is not a multiple of the 8-device eval batch.
-  config = workdir.load_config(wd)
+  config = restore.load_config(wd)
   batch = next(input_pipeline.create_eval_iterator(config, 'test', batch_size=360,
                                                    process_index=0, process_count=1))
   np.testing.assert_array_equal(labels, batch['label'])
@@ -339,8 +341,8 @@ def test_visualize_reconstruction_is_closer_than_the_masked_input(mae_run, digit
 @pytest.mark.slow
 def test_pretrained_encoder_beats_random_init_on_digits(default_run):
   assert default_run['proc'].returncode == 0, default_run['proc'].stderr[-3000:]
-  pretrained = workdir.load_workdir(str(default_run['workdir']), data_dir=default_run['data_dir'])
-  random = workdir.random_init(pretrained.config)
+  pretrained = restore.load_workdir(str(default_run['workdir']), data_dir=default_run['data_dir'])
+  random = restore.random_init(pretrained.config)
   figures = {}
   for name, model in (('pretrained', pretrained), ('random', random)):
     c = model.config
@@ -380,7 +382,7 @@ def test_finetuning_a_checkpoint_beats_random_init_on_tiny_imagenet_10(tmp_path)
                          data_dir=str(tmp_path / 'tfds')))
   wd = str(tmp_path / 'tin10')
   knn_top1 = train.train_and_evaluate(config, wd)['knn_top1']
-  restored = workdir.load_workdir(wd)
+  restored = restore.load_workdir(wd)
   args = override(finetune.default_args(), TIN10_FINETUNE)
   pretrained = finetune.finetune(restored, args, 'finetune')
   scratch_args = override(finetune.default_args(), dict(TIN10_FINETUNE, from_scratch=True,
@@ -458,6 +460,22 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert 'qm (equal time)' not in results['rows']  # the reference's time run is its epochs run
   mae = read_json(out / 'runs' / 'mae' / 'time' / 'seed0' / 'config.json')
   assert mae['rec_loss'] == 'l2' and mae['total_steps'] > 4  # the method's own recipe
+
+  # A trial added later is timed against the reference again, scaled to its first timing; mimco at
+  # equal time spends half of the reference's seconds on a teacher of its own, half on itself.
+  tool('ablate', *args[:-3], '--seeds=0', '--budgets=time', '--reference=qm', '--runs=qm,mimco',
+       '--timing_rounds=1', '--probe_epochs=2')
+  results = read_json(out / 'results.json')
+  t2 = results['step_seconds']
+  assert {k: t2[k] for k in t} == t and set(t2) == {'qm', 'mae', 'mimco'}
+  row = results['rows']['mimco (equal time)']
+  assert row['steps'] == round(0.5 * 4 * t['qm'] / t2['mimco'])
+  assert row['teacher_steps'] == round(0.5 * 4 * t['qm'] / t['qm']) == 2
+  student = read_json(out / 'runs' / 'mimco' / 'time' / 'seed0' / 'config.json')
+  teacher = read_json(out / 'runs' / 'mimco' / 'time' / 'seed0-teacher' / 'config.json')
+  assert student['teacher']['workdir'] == str(out / 'runs' / 'mimco' / 'time' / 'seed0-teacher')
+  assert (teacher['method'], teacher['total_steps'], student['total_steps']) == (
+      'macrl', 2, row['steps'])
 
 
 def test_ablate_stopped_mid_trial_records_nothing_and_resumes(digits_dir, tmp_path):

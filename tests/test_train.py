@@ -4,6 +4,7 @@ import functools
 import glob
 import hashlib
 import json
+import io
 import logging
 import os
 import re
@@ -18,7 +19,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from helpers import REPO, SHARED_DATA, digits_config, load_config, override
-from macrl_jax import build, checkpoint, features, knn, loop, sharding, teacher, train
+from macrl_jax import sharding
+from macrl_jax.evals import features, knn
+from macrl_jax.methods import build
+from macrl_jax.run import checkpoint, loop, teacher, train, writers
 
 MAIN = str(REPO / 'main.py')
 
@@ -113,13 +117,32 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(digits_dir, tmp_path):
   resumed = run_main(tmp_path / 'stopped', overrides)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out[-3000:]
-  assert 'Resumed from step' in out
+  # The terminal: a short header, then one compact line per logged step; the absl INFO lines
+  # (library notices, clu's progress) go to the log file only.
+  lines = out.splitlines()
+  assert f'{tmp_path / "stopped"}: resuming from step {steps[0]}' in out, out[-3000:]
+  assert [l for l in lines if l.startswith(f'step {total}/{total}  loss ')], out[-3000:]
+  assert not [l for l in lines if re.match(r'[IW]\d{4} ', l)], out[-3000:]
+  log = (tmp_path / 'stopped' / 'main.INFO').read_text()
+  assert f'Resumed from step {steps[0]}' in log and 'steps_per_sec' in log
 
   a, _ = restore_params(config, str(tmp_path / 'full'))
   b, meta = restore_params(config, str(tmp_path / 'stopped'))
   assert meta['step'] == total
   for part in ('params', 'ema_params', 'opt_state'):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a[part], b[part])
+
+
+def test_the_terminal_shows_one_line_per_logged_step():
+  out = io.StringIO()
+  console = writers.ConsoleWriter(total_steps=600, batch_size=128, stream=out)
+  console.write_scalars(100, {'loss': 3.5, 'loss_rec': 0.5, 'loss_con': 3.0, 'lr': 1e-3,
+                              'images_per_sec': 256.0})
+  console.write_scalars(100, {'steps_per_sec': 2.0})  # clu's progress: the log only
+  console.write_scalars(600, {'loss': 3.0, 'knn_top1': 0.5})
+  assert out.getvalue().splitlines() == [
+      'step 100/600  loss 3.5000 (con 3.000, rec 0.500)  256 img/s, 0:04:10 left',
+      'step 600/600  loss 3.0000  kNN top-1 50.0 %']
 
 
 # ----------------------------------------------------------------------------------- checkpoints

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from helpers import fitting_config, fixed_batch, override, tiny_config, without_gradient_free
-from macrl_jax import build, config_checks, methods, optim, presets, sharding, train_step
+from macrl_jax import sharding
+from macrl_jax.config import checks, methods, schema
+from macrl_jax.methods import build, optim, train_step
 
 
 def run_steps(config, devices, num_steps=1, seed=0):
@@ -178,7 +180,7 @@ def test_learning_rate_scales_with_batch_and_warms_up():
 def test_bad_config_fails_before_compiling(overrides, field):
   config = override(tiny_config('macrl'), overrides)
   with pytest.raises(ValueError, match=f'config.{field}'):
-    config_checks.validate(config, num_devices=8)
+    checks.validate(config, num_devices=8)
   with pytest.raises(ValueError, match=f'config.{field}'):
     build.build(config, sharding.make_mesh())  # validates before tracing anything
 
@@ -192,12 +194,12 @@ def test_bad_config_fails_before_compiling(overrides, field):
 ])
 def test_inconsistent_preset_names_the_field(method, overrides, field):
   with pytest.raises(ValueError, match=f'config.{field}'):
-    config_checks.validate(override(tiny_config(method), overrides), num_devices=8)
+    checks.validate(override(tiny_config(method), overrides), num_devices=8)
 
 
 def test_unknown_method_preset():
   with pytest.raises(ValueError, match='unknown method'):
-    methods.apply_method(presets.base_config(), 'simclr')
+    methods.apply_method(schema.base_config(), 'simclr')
 
 
 def test_scanned_blocks_give_the_same_step():

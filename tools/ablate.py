@@ -45,13 +45,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import comparison, errors  # noqa: E402
+from macrl_jax import errors  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
+from macrl_jax.run import comparison  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Pre-training config (and overrides).',
                                 lock_config=False)
@@ -82,14 +82,14 @@ def method_config(method: str):
   """The --config file built for `method` (its own tuned values), then the command's overrides."""
   import importlib.util
 
-  from macrl_jax import presets
+  from macrl_jax.config import schema
   path, _, _ = config_flags.get_config_filename(FLAGS['config']).partition(':')
   spec = importlib.util.spec_from_file_location('ablate_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(f'method={method}')
   for field, value in config_flags.get_override_values(FLAGS['config']).items():
-    presets.set_field(config, field, value)
+    schema.set_field(config, field, value)
   if FLAGS.protocol == 'selection':
     config.data.holdout_fraction = FLAGS.holdout_fraction
     config.test_split = 'holdout'
@@ -99,15 +99,15 @@ def method_config(method: str):
 def trial_config(trial: dict, seed: int, steps: int | None = None):
   """The trial's config for `seed`; with `steps`, the warm-up scaled to that length and as many
   kNN monitor points and checkpoints as the config's own length has."""
-  from macrl_jax import presets
+  from macrl_jax.config import schema
   config = method_config(trial['method'])
   for field, value in trial.get('overrides', {}).items():
-    presets.set_field(config, field, value)
+    schema.set_field(config, field, value)
   config.seed = seed
   if steps is not None and steps != config.total_steps:
     file_config = config.copy_and_resolve_references()
     config.total_steps = steps
-    presets.follow_the_user(config, file_config, {'total_steps'})
+    schema.follow_the_user(config, file_config, {'total_steps'})
     for every in ('eval_every_steps', 'checkpoint_every_steps'):
       points = max(1, file_config.total_steps // file_config[every])
       config[every] = -(-steps // points)
@@ -130,7 +130,7 @@ def step_seconds(known: dict, trials: dict, names: list) -> dict:
   """Each trial's step seconds, timed alternately with the reference's. Trials that a later run
   adds are timed with the reference again and scaled by its first timing, so that one reference
   time sets every budget."""
-  from macrl_jax import step_timing
+  from macrl_jax.run import step_timing
   missing = [n for n in names if n not in known]
   if not missing:
     return known
@@ -159,7 +159,7 @@ def budget_steps(results: dict, trials: dict, name: str, budget: str, base) -> t
 def probe(restored, seed: int) -> dict:
   """kNN and linear-probe top-1 of the encoder, as tools/knn_eval.py and linear_probe.py compute
   them (one probe run, seeded by the pre-training seed)."""
-  from macrl_jax import features, knn, probe as probe_lib
+  from macrl_jax.evals import features, knn, probe as probe_lib
   c = restored.config
   train_x, train_y = features.restored_features(restored, c.train_split)
   test_x, test_y = features.restored_features(restored, c.test_split)
@@ -168,6 +168,16 @@ def probe(restored, seed: int) -> dict:
   return {'knn_top1': knn.evaluate(train_x, train_y, test_x, test_y, c.num_classes, c.knn.k,
                                    c.knn.temperature)['top1'],
           'linear_top1': linear['top1']}
+
+
+def knn_curve(run_dir: str) -> list[list[float]]:
+  """[[step, kNN top-1], ...]: the run's kNN monitor as its metrics.jsonl logged it."""
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [[row['step'], row['knn_top1']] for row in rows if 'knn_top1' in row]
 
 
 def needs_finetune(row: dict, seed: int) -> bool:
@@ -228,7 +238,7 @@ def write_outputs(results):
 def pretrain(config, run_dir: str) -> tuple[float, bool]:
   """(seconds, stopped): pre-trains into run_dir (resuming it); stopped by SIGTERM or Ctrl-C, the
   run has saved its state and nothing is recorded."""
-  from macrl_jax import train
+  from macrl_jax.run import train
   start = time.time()
   outcome = train.train_and_evaluate(config, run_dir)
   if outcome.get('preempted'):
@@ -245,7 +255,7 @@ def main(argv):
   if FLAGS.report_only:
     write_outputs(json.load(open(path)))
     return
-  from macrl_jax import workdir
+  from macrl_jax.run import restore
 
   if not FLAGS.trials:
     raise UserError('--trials=FILE is required (a JSON object of trials)')
@@ -291,7 +301,7 @@ def main(argv):
   for seed in seeds:
     random_row = rows.setdefault('random init', {'trial': 'random init'})
     if seed not in random_row.get('seeds', []) or needs_finetune(random_row, seed):
-      restored = workdir.random_init(trial_config({'method': 'macrl'}, seed))
+      restored = restore.random_init(trial_config({'method': 'macrl'}, seed))
       if seed not in random_row.get('seeds', []):
         comparison.record(random_row, seed, probe(restored, seed))
         write_outputs(results)
@@ -302,17 +312,19 @@ def main(argv):
         if not record_finetune(random_row, seed, restored, from_scratch=True):
           return
         write_outputs(results)
-    for budget in FLAGS.budgets:
+    for asked in FLAGS.budgets:
       for name in names:
-        trial = trials[name]
-        if budget == 'time' and name == FLAGS.reference and 'epochs' in FLAGS.budgets:
-          continue  # its time budget is its epochs budget: the same run
+        trial, budget = trials[name], asked
+        if budget == 'time' and name == FLAGS.reference:
+          if 'epochs' in FLAGS.budgets:
+            continue  # its time budget is its epochs budget: the same run, made there
+          budget = 'epochs'
         steps, teacher_steps = budget_steps(results, trials, name, budget, base)
         key = name if budget == 'epochs' else f'{name} (equal time)'
         row = rows.setdefault(key, {'trial': name, 'method': trial['method'], 'budget': budget,
                                     'overrides': trial.get('overrides', {}), 'steps': steps})
         if teacher_steps:
-          row['teacher_steps'] = teacher_steps
+          row.update(teacher=trial['teacher'], teacher_steps=teacher_steps)
         run_dir = os.path.join(FLAGS.out, 'runs', name, budget, f'seed{seed}')
         if seed not in row.get('seeds', []):
           seconds = 0.0
@@ -329,11 +341,12 @@ def main(argv):
           more, stopped = pretrain(config, run_dir)
           if stopped:
             return
-          comparison.record(row, seed, dict(probe(workdir.load_workdir(run_dir), seed),
-                                            pretrain_seconds=seconds + more))
+          comparison.record(row, seed, dict(probe(restore.load_workdir(run_dir), seed),
+                                            pretrain_seconds=seconds + more,
+                                            knn_curve=knn_curve(run_dir)))
           write_outputs(results)
         if needs_finetune(row, seed):  # also for a run probed before --finetune was given
-          if not record_finetune(row, seed, workdir.load_workdir(run_dir)):
+          if not record_finetune(row, seed, restore.load_workdir(run_dir)):
             return
           write_outputs(results)
 

@@ -14,7 +14,7 @@ input pipeline feeds the step through `prefetch.prefetch_to_mesh`, and its rate 
 
 Figures:
 - step_ms: median over --steps steps after --warmup, each timed to `block_until_ready` of the state.
-- flops_per_step: analytic model FLOPs (macrl_jax/flops.py, matmuls only); XLA's count of the
+- flops_per_step: analytic model FLOPs (macrl_jax/methods/flops.py, matmuls only); XLA's count of the
   compiled step (cost_analysis, all ops, × devices) beside it, with their ratio (about 1.02 for
   ViT-S; with model.scan XLA counts the scanned block once, so its figure is far lower).
 - peak_flops: on CPU, a dense float32 matmul (--peak_size², 2048² by default, jitted) run in this
@@ -39,19 +39,23 @@ import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, 'benchmarks')]
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))  # its neighbours: the PyTorch step, the parts
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import flops as flops_lib  # noqa: E402
-from macrl_jax import build, errors, models, prefetch, presets, sharding, teacher  # noqa: E402
+from macrl_jax import errors, sharding  # noqa: E402
+from macrl_jax.config import schema  # noqa: E402
+from macrl_jax.data import prefetch  # noqa: E402
 from macrl_jax.errors import UserError  # noqa: E402
-from macrl_jax.step_timing import (compile_step, input_only_rate, matmul_probe,  # noqa: E402
-                                   peak_flops, peak_memory, random_local_batch, repeat,
-                                   time_steps, xla_flops)
+from macrl_jax.methods import build, flops as flops_lib  # noqa: E402
+from macrl_jax.models import vit  # noqa: E402
+from macrl_jax.run import teacher  # noqa: E402
+from macrl_jax.run.step_timing import (compile_step, input_only_rate, matmul_probe, peak_flops,  # noqa: E402
+                                       peak_memory, random_local_batch, repeat, time_steps,
+                                       xla_flops)
 import step_parts  # noqa: E402  (benchmarks/)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,11 +77,11 @@ _PEAK_SIZE = flags.DEFINE_integer(
 
 # --------------------------------------------------------------------------------------- report
 def describe(config) -> dict:
-  dims = models.vit_dims(config.model)
+  dims = vit.vit_dims(config.model)
   return dict(method=config.method, dataset=config.dataset, image_size=config.image_size,
               variant=config.model.variant, width=dims['width'], depth=dims['depth'],
               batch_size=config.batch_size, dtype=config.dtype,
-              mask_ratios=presets.view_mask_ratios(config), remat=config.model.remat,
+              mask_ratios=schema.view_mask_ratios(config), remat=config.model.remat,
               scan=config.model.get('scan', False), queue_size=config.queue_size)
 
 

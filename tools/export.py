@@ -15,18 +15,18 @@ read unchanged. Needs the optional requirements: pip install -r requirements-int
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from macrl_jax import (interop, interop_checkpoints, interop_files, interop_state_dicts,  # noqa: E402
-                       models, optim, workdir)
+from macrl_jax.interop import mocov3_files, state_dicts, timm_vit, torch_files
+from macrl_jax.methods import optim
+from macrl_jax.models import vit
+from macrl_jax.run import restore
 
-workdir.define_flags()
+restore.define_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output .safetensors (default: see above).')
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "timm's pooling (default: the config's).")
 _DECODER = flags.DEFINE_bool('decoder', False, "Also write FILE.mae.pth in MAE's naming.")
@@ -34,57 +34,57 @@ _MOCOV3 = flags.DEFINE_bool('mocov3', False, "Also write FILE.pth.tar, MoCo v3's
 
 
 def main():
-  restored = workdir.load_from_flags()
+  restored = restore.load_from_flags()
   config = restored.config
-  dims = models.vit_dims(config.model)
+  dims = vit.vit_dims(config.model)
   pool = _POOL.value or config.model.pool
   out = os.path.abspath(_OUT.value or os.path.join(
       restored.workdir, 'export', f'encoder_{restored.params}_step{restored.step}.safetensors'))
   if not out.endswith('.safetensors'):
-    raise workdir.WorkdirError(f'--out={out}: the file name must end in .safetensors')
+    raise restore.WorkdirError(f'--out={out}: the file name must end in .safetensors')
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  encoder = interop.encoder_to_timm(jax.device_get(restored.encoder_params), dims,
+  encoder = timm_vit.encoder_to_timm(jax.device_get(restored.encoder_params), dims,
                                     config.image_size)
-  kwargs = interop.timm_kwargs(dims, config.image_size, pool)
+  kwargs = timm_vit.timm_kwargs(dims, config.image_size, pool)
   try:
-    interop_files.write_safetensors(out, encoder, kwargs)
-    written = [out, interop_files.meta_path(out)]
+    torch_files.write_safetensors(out, encoder, kwargs)
+    written = [out, torch_files.meta_path(out)]
     if _DECODER.value:
-      workdir.require_pixel_decoder(restored)
+      restore.require_pixel_decoder(restored)
       num_patches = (config.image_size // dims['patch_size']) ** 2
       decoder = jax.device_get(restored.decoder_params)
-      mae = dict(encoder, **interop_state_dicts.decoder_to_mae(decoder, num_patches))
+      mae = dict(encoder, **state_dicts.decoder_to_mae(decoder, num_patches))
       mae_path = out[:-len('.safetensors')] + '.mae.pth'
-      interop_files.write_torch(mae_path, {'model': mae})
+      torch_files.write_torch(mae_path, {'model': mae})
       written.append(mae_path)
     if _MOCOV3.value:
       moco_path = out[:-len('.safetensors')] + '.pth.tar'
-      interop_files.write_torch(moco_path, mocov3_checkpoint(restored))
+      torch_files.write_torch(moco_path, mocov3_checkpoint(restored))
       written.append(moco_path)
-  except interop.InteropError as e:
-    raise workdir.WorkdirError(str(e)) from None
+  except timm_vit.InteropError as e:
+    raise restore.WorkdirError(str(e)) from None
   result = dict(out=written, step=restored.step, params=restored.params, pool=pool, timm=kwargs)
-  workdir.report(workdir.result_path(restored.workdir, 'export'), result,
+  restore.report(restore.result_path(restored.workdir, 'export'), result,
                  f'Encoder ({restored.params}, step {restored.step}) → {", ".join(written)}\n'
                  'Load it in PyTorch (pip install -r requirements-interop.txt):\n'
                  'import json, safetensors.torch, timm\n'
-                 f'model = timm.models.VisionTransformer(**json.load(open({interop_files.meta_path(out)!r}))); '
+                 f'model = timm.models.VisionTransformer(**json.load(open({torch_files.meta_path(out)!r}))); '
                  f'model.load_state_dict(safetensors.torch.load_file({out!r}), strict=True)')
 
 
-def mocov3_checkpoint(restored: workdir.Restored) -> dict:
+def mocov3_checkpoint(restored: restore.Restored) -> dict:
   """The workdir's train state as MoCo v3's main_moco.py saves it (epoch counted from the data)."""
-  from macrl_jax import input_pipeline  # TensorFlow: the number of training images
+  from macrl_jax.data import input_pipeline  # TensorFlow: the number of training images
   config = restored.config
   if 'predictor' not in restored.state['params']:
-    raise workdir.WorkdirError(f'--mocov3: {restored.workdir} is a method={config.method} run, '
+    raise restore.WorkdirError(f'--mocov3: {restored.workdir} is a method={config.method} run, '
                                'which has no MoCo v3 heads; export a mocov3 or macrl workdir')
   state = jax.device_get(restored.state)
   epoch = restored.step * config.batch_size // input_pipeline.num_examples(config,
                                                                            config.train_split)
   lr = optim.lr_schedule(config, config.total_steps)(restored.step)
-  return interop_checkpoints.mocov3_checkpoint(state, config, epoch, float(lr))
+  return mocov3_files.mocov3_checkpoint(state, config, epoch, float(lr))
 
 
 if __name__ == '__main__':
-  workdir.run_tool(main)
+  restore.run_tool(main)

@@ -10,16 +10,16 @@ for features before extracting them again.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import errors, features, workdir  # noqa: E402
+from macrl_jax import errors  # noqa: E402
+from macrl_jax.evals import features  # noqa: E402
+from macrl_jax.run import restore  # noqa: E402
 
-workdir.define_flags()
+restore.define_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "Feature pooling (default: the config's).")
 _OUT = flags.DEFINE_string('out', None, 'Output .npz (default: see above).')
@@ -27,9 +27,9 @@ _BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: knn.ev
 
 
 def main():
-  restored = workdir.load_from_flags()
+  restored = restore.load_from_flags()
   config = restored.config
-  split, pool = workdir.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
+  split, pool = restore.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
   feats, labels = features.split_features(config, restored.mesh, restored.modules.encoder,
                                          restored.encoder_params, split, pool, _BATCH.value)
   out = os.path.abspath(_OUT.value or features.cache_path(restored, split, pool))
@@ -42,10 +42,10 @@ def main():
                            'you can write to') from None
   result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
                 num_examples=int(len(labels)), dim=int(feats.shape[1]))
-  workdir.report(workdir.result_path(restored.workdir, 'extract_features'), result,
+  restore.report(restore.result_path(restored.workdir, 'extract_features'), result,
                  f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
                  f'{restored.params} encoder, step {restored.step}) → {out}')
 
 
 if __name__ == '__main__':
-  workdir.run_tool(main)
+  restore.run_tool(main)

@@ -7,23 +7,21 @@ r"""Full fine-tuning of the pre-trained encoder; --from_scratch: the random-init
   python tools/finetune.py --workdir=workdirs/tin10_macrl --from_scratch  # same budget, random init
 
 AdamW, warm-up + cosine, lr = base_lr · batch / 256, layer-wise lr decay, drop path, label
-smoothing, optional mixup/cutmix (macrl_jax/finetune.py). Checkpoints go to DIR/<name>/checkpoints
+smoothing, optional mixup/cutmix (macrl_jax/run/finetune.py). Checkpoints go to DIR/<name>/checkpoints
 (name: finetune, or finetune_scratch with --from_scratch); rerunning the command resumes, SIGTERM
 saves and stops. Prints the test top-1/top-5 and writes DIR/eval/<name>.json.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax import finetune, workdir  # noqa: E402
+from macrl_jax.run import finetune, restore  # noqa: E402
 
 FLAGS = flags.FLAGS
-workdir.define_flags()
+restore.define_flags()
 D = finetune.default_args()
 flags.DEFINE_float('epochs', D.epochs, 'Epochs over the train split.')
 flags.DEFINE_integer('batch_size', D.batch_size, 'Global batch (a multiple of the device count).')
@@ -58,7 +56,7 @@ def main():
     args[name] = FLAGS[name].value
   if args.from_scratch and not FLAGS['layer_decay'].present:
     args.layer_decay = 1.0  # random layers have no pre-trained features to protect
-  restored = workdir.load_from_flags()
+  restored = restore.load_from_flags()
   name = _NAME.value or ('finetune_scratch' if args.from_scratch else 'finetune')
   result = finetune.finetune(restored, args, name)
   result.update(args=args.to_dict(), params=restored.params, name=name)
@@ -66,10 +64,10 @@ def main():
     print(f'Stopped at step {result["step"]}/{result["total_steps"]}; rerun the command to resume.')
     return
   init = 'random init' if args.from_scratch else f'pre-training step {restored.step}'
-  workdir.report(workdir.result_path(restored.workdir, name), result,
+  restore.report(restore.result_path(restored.workdir, name), result,
                  f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
                  f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
 
 
 if __name__ == '__main__':
-  workdir.run_tool(main)
+  restore.run_tool(main)

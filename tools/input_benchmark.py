@@ -17,17 +17,16 @@ The figure depends on the CPU cores the process gets; the 1-minute load average 
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from macrl_jax import errors, input_pipeline  # noqa: E402
+from macrl_jax import errors  # noqa: E402
+from macrl_jax.data import input_pipeline  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/tiny_imagenet.py', lock_config=False)

@@ -7,9 +7,7 @@ since a shared file system or a bucket may not lock (runs on one machine wait fo
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
@@ -17,7 +15,7 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from macrl_jax import errors  # noqa: E402
-from macrl_jax.datasets import registry, splits  # noqa: E402
+from macrl_jax.data.datasets import registry, splits  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/cifar10.py')
 

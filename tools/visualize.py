@@ -12,9 +12,7 @@ DIR/eval/visualize.json with the mean squared error of the masked and reconstruc
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
@@ -22,9 +20,11 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from macrl_jax import presets, reconstruction, workdir  # noqa: E402
+from macrl_jax.config import schema  # noqa: E402
+from macrl_jax.evals import reconstruction  # noqa: E402
+from macrl_jax.run import restore  # noqa: E402
 
-workdir.define_flags(params=False)
+restore.define_flags(params=False)
 _NUM = flags.DEFINE_integer('num', 8, 'Test images (rows).')
 _MASK_RATIO = flags.DEFINE_float('mask_ratio', None, "Mask ratio (default: each masked view's).")
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
@@ -39,11 +39,11 @@ def panel_mse(picture: np.ndarray, num_panels: int = 4) -> list[float]:
 
 
 def main():
-  from macrl_jax import input_pipeline
-  restored = workdir.load_from_flags()
+  from macrl_jax.data import input_pipeline
+  restored = restore.load_from_flags()
   config = restored.config
-  workdir.require_pixel_decoder(restored)
-  split = workdir.split_name(config, _SPLIT.value)
+  restore.require_pixel_decoder(restored)
+  split = restore.split_name(config, _SPLIT.value)
   batch = next(iter(input_pipeline.create_eval_iterator(
       config, split, batch_size=_NUM.value, process_index=0, process_count=1)))
   images = batch['image'][batch['mask']]
@@ -52,7 +52,7 @@ def main():
   if _MASK_RATIO.value is not None:
     branches = {f'ratio{_MASK_RATIO.value:g}': _MASK_RATIO.value}
   else:
-    branches = {f'view{v + 1}': r for v, r in enumerate(presets.view_mask_ratios(config)) if r > 0}
+    branches = {f'view{v + 1}': r for v, r in enumerate(schema.view_mask_ratios(config)) if r > 0}
 
   result = dict(step=restored.step, split=split, num=int(len(images)), branches={})
   for b, (branch, ratio) in enumerate(branches.items()):
@@ -72,8 +72,8 @@ def main():
   lines = [f'{k} (mask {v["mask_ratio"]:g}): {v["png"]}  MSE vs original: masked '
            f'{v["mse_masked"]:.4f}, reconstruction {v["mse_reconstruction"]:.4f}, with visible '
            f'{v["mse_reconstruction_visible"]:.4f}' for k, v in result['branches'].items()]
-  workdir.report(workdir.result_path(restored.workdir, 'visualize'), result, '\n'.join(lines))
+  restore.report(restore.result_path(restored.workdir, 'visualize'), result, '\n'.join(lines))
 
 
 if __name__ == '__main__':
-  workdir.run_tool(main)
+  restore.run_tool(main)

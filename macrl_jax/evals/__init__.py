@@ -1,0 +1,1 @@
+"""Evaluations of an encoder: features, kNN, the linear probe, accuracy, reconstruction panels."""
