@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO, run_tool_in_process
+import pytest
+
+from helpers import REPO, run_tool_in_process, tiny_config
+from macrl_jax.methods import flops
 
 TINY = '''
 import sys
@@ -39,6 +42,16 @@ def test_synthetic_benchmark_reports_without_tensorflow(tmp_path):
   # On CPU the peak is the fastest matmul run, so that a load which slows the matmul does not
   # inflate the MFU.
   assert result['peak_flops'] == result['measured_matmul_flops_best'] >= result['measured_matmul_flops']
+  # The figures agree with each other and with the config: its batch per step, the
+  # analytic FLOPs of macrl_jax/methods/flops.py, MFU = FLOPs / step time / peak.
+  config = tiny_config('macrl', queue_size=64)
+  assert result['images_per_sec'] == pytest.approx(config.batch_size / result['step_ms'] * 1e3,
+                                                   rel=1e-3)
+  assert result['flops_per_step'] == flops.step_flops(config)['total']
+  assert result['mfu'] == pytest.approx(
+      result['flops_per_step'] / (result['step_ms'] / 1e3) / result['peak_flops'], abs=1e-4)
+  assert result['step_ms_min'] <= result['step_ms'] <= result['step_ms_max']
+  assert (result['config']['method'], result['config']['queue_size']) == ('macrl', 64)
 
 
 def test_input_benchmark_on_mock_data_needs_no_download(tmp_path):

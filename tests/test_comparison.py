@@ -73,14 +73,11 @@ def test_a_metric_added_later_goes_to_its_seeds_place_and_gets_its_columns():
 
 
 def test_the_study_figure_puts_each_run_at_its_pre_training_time(tmp_path):
-  """tools/plot_study.py: the kNN monitor's x is steps × the trial's measured step seconds (a
-  mimco run after its own teacher's), and the PNG is written from results.json alone."""
+  """The kNN monitor's x is steps × the trial's measured step seconds (a mimco run after its own
+  teacher's); tools/plot_study.py writes the PNG from results.json alone."""
   import json
   import subprocess
   import sys
-
-  sys.path.insert(0, str(REPO / 'tools'))
-  import plot_study  # pylint: disable=import-outside-toplevel
 
   rows = {'macrl': dict(row('macrl', [0.45, 0.47]),
                         knn_curve_per_seed=[[[300, 0.35], [600, 0.39]], [[300, 0.36], [600, 0.4]]]),
@@ -88,9 +85,9 @@ def test_the_study_figure_puts_each_run_at_its_pre_training_time(tmp_path):
                                      teacher_steps=150, knn_curve_per_seed=[[[200, 0.37]]]),
           'random init': {'trial': 'random init', 'linear_top1': 0.38, 'linear_top1_std': 0.01}}
   res = dict(results(rows), step_seconds={'macrl': 0.5, 'mocov3': 0.4, 'mimco': 0.3})
-  minutes, per_seed = plot_study.curve_minutes(res, rows['macrl'])
+  minutes, per_seed = comparison.curve_minutes(res, rows['macrl'])
   assert minutes == [2.5, 5.0] and per_seed == [[0.35, 0.39], [0.36, 0.4]]
-  assert plot_study.curve_minutes(res, rows['mimco (equal time)']) == ([(150 * 0.4 + 60) / 60],
+  assert comparison.curve_minutes(res, rows['mimco (equal time)']) == ([(150 * 0.4 + 60) / 60],
                                                                        [[0.37]])
   (tmp_path / 'results.json').write_text(json.dumps(res))
   proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'plot_study.py'),

@@ -432,12 +432,13 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_the_rerun_finishes(tmp_p
 
 @pytest.mark.slow
 def test_a_failed_evaluation_loses_no_step(digits_dir, tmp_path, monkeypatch):
+  from macrl_jax.evals import monitors
   from macrl_jax.run import checkpoint, train
 
   def knn_fails(*args):
     raise RuntimeError('kNN failed')
 
-  monkeypatch.setattr(train, '_knn_top1', knn_fails)
+  monkeypatch.setattr(monitors.Knn, 'run', knn_fails)
   config = digits_config(digits_dir, eval_every_steps=4, checkpoint_every_steps=1000)
   with pytest.raises(RuntimeError, match='kNN failed'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))

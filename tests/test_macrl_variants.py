@@ -9,7 +9,7 @@ from helpers import fixed_batch, tiny_config
 from macrl_jax import sharding
 from macrl_jax.config import schema
 from macrl_jax.methods import build, train_step
-from macrl_jax.models import vit
+from macrl_jax.models import decoders, vit
 
 
 def test_the_defaults_build_the_step_without_any_variant():
@@ -26,7 +26,7 @@ def test_the_defaults_build_the_step_without_any_variant():
 
 def test_feature_decoder_puts_the_visible_tokens_at_their_positions():
   n, k, d = 16, 4, 8
-  decoder = vit.FeatureDecoder(num_patches=n, depth=1, num_heads=2, mlp_dim=16)
+  decoder = decoders.FeatureDecoder(num_patches=n, depth=1, num_heads=2, mlp_dim=16)
   mask = vit.random_masking(jax.random.PRNGKey(0), 2, n, 0.75)
   tokens = jax.random.normal(jax.random.PRNGKey(1), (2, 1 + k, d))
   params = decoder.init(jax.random.PRNGKey(2), tokens, mask.ids_restore)['params']
@@ -35,7 +35,7 @@ def test_feature_decoder_puts_the_visible_tokens_at_their_positions():
   assert out.shape == (2, 1 + n, d)
   # Depth 0 shows the layout the blocks get: visible token i at patch ids_keep[i], the mask token
   # elsewhere, each plus its position embedding (then the final norm).
-  layout = vit.FeatureDecoder(n, 0, 2, 16).apply({'params': params}, tokens, mask.ids_restore)
+  layout = decoders.FeatureDecoder(n, 0, 2, 16).apply({'params': params}, tokens, mask.ids_restore)
   want = np.array(np.broadcast_to(params['mask_token'], (2, n, d)))
   np.put_along_axis(want, np.asarray(mask.ids_keep)[..., None], np.asarray(tokens[:, 1:]), axis=1)
   want = np.concatenate([tokens[:, :1], want + vit.sincos_2d(d, 4)[None]], axis=1)

@@ -145,6 +145,32 @@ def test_the_terminal_shows_one_line_per_logged_step():
       'step 600/600  loss 3.0000  kNN top-1 50.0 %']
 
 
+def test_in_training_evaluations_run_at_their_own_periods(digits_dir, tmp_path):
+  """config.evals: the held-out reconstruction error every 2 steps, the kNN monitor every 4,
+  the pictures off; each lands in metrics.jsonl at its steps, and the error falls as it learns."""
+  config = digits_config(digits_dir, total_steps=8, checkpoint_every_steps=8, log_every_steps=2,
+                         **{'evals.knn.every_steps': 4, 'evals.masked_mse.every_steps': 2,
+                            'evals.masked_mse.num_images': 64, 'evals.reconstruction.every_steps': 0,
+                            'optim.base_lr': 1e-2})
+  train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  rows = read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')
+  mse = {r['step']: r['heldout_masked_mse'] for r in rows if 'heldout_masked_mse' in r}
+  assert sorted(mse) == [2, 4, 6, 8] and [r['step'] for r in rows if 'knn_top1' in r] == [4, 8]
+  assert mse[8] < mse[2], mse
+
+
+def test_an_unknown_or_misplaced_evaluation_is_a_config_error(digits_dir):
+  from macrl_jax.config import checks
+  from macrl_jax.errors import UserError
+  config = digits_config(digits_dir, 'mocov3', **{'evals.masked_mse.every_steps': 2})
+  with pytest.raises(UserError, match='evals.masked_mse.every_steps: method=mocov3 has no pixel '
+                                      'decoder'):
+    checks.validate(config)
+  config = digits_config(digits_dir, **{'evals.knn.every_steps': -1})
+  with pytest.raises(UserError, match='evals.knn.every_steps: -1 must be >= 0'):
+    checks.validate(config)
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 def tree_digest(path) -> str:
   h = hashlib.sha256()
@@ -312,3 +338,15 @@ def test_each_config_builds_and_runs_two_steps(name, tmp_path, monkeypatch):
     result = train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert result['step'] == 2 and np.isfinite(result['loss'])
   assert 0.0 <= result['knn_top1'] <= 1.0
+  # Both logged steps have both of macrl's losses; the config that ran is the one written, at this
+  # config's image size and patch; its one checkpoint holds the patch embedding of that patch.
+  rows = read_jsonl(tmp_path / 'wd' / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == [1, 2], rows
+  assert all(np.isfinite(r['loss_rec']) and np.isfinite(r['loss_con']) for r in rows), rows
+  written = json.loads((tmp_path / 'wd' / 'config.json').read_text())
+  assert (written['dataset'], written['image_size'], written['model']['variant']) == (
+      config.dataset, config.image_size, f'mu/{patch}')
+  assert checkpoint.steps(str(tmp_path / 'wd')) == [2]
+  state, _ = restore_params(config, str(tmp_path / 'wd'))
+  kernel = state['params']['encoder']['embedding']['kernel']
+  assert kernel.shape == (patch * patch * 3, 64), kernel.shape

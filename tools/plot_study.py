@@ -17,6 +17,8 @@ import os
 
 from absl import app, flags
 
+from macrl_jax.run import comparison
+
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
 flags.DEFINE_string('results', None, 'results.json of tools/ablate.py.', required=True)
@@ -28,32 +30,13 @@ METHOD_COLOURS = {'macrl': 'tab:red', 'mae': 'tab:blue', 'mocov3': 'tab:green',
                   'mimco': 'tab:purple'}
 
 
-def time_rows(results: dict) -> dict:
-  """The rows at equal time: each '(equal time)' row, and the reference's own (epochs) row."""
-  rows = results['rows']
-  return {name: row for name, row in rows.items()
-          if row.get('budget') == 'time' or name == results.get('reference')}
-
-
-def curve_minutes(results: dict, row: dict) -> tuple[list[float], list[list[float]]]:
-  """(minutes, [per-seed top-1 at those points]) of a row's kNN monitor."""
-  t = results['step_seconds']
-  offset = 0.0
-  if row.get('teacher_steps'):  # mimco at equal time: after its own teacher
-    offset = row['teacher_steps'] * t[row['teacher']]
-  curves = [c for c in row.get('knn_curve_per_seed', []) if c]
-  steps = [s for s, _ in curves[0]] if curves else []
-  per_seed = [[top1 for _, top1 in c] for c in curves if [s for s, _ in c] == steps]
-  return [(offset + s * t[row['trial']]) / 60 for s in steps], per_seed
-
-
 def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for name, row in time_rows(results).items():
-    minutes, per_seed = curve_minutes(results, row)
+  for name, row in comparison.time_rows(results).items():
+    minutes, per_seed = comparison.curve_minutes(results, row)
     if not per_seed:
       continue
     values = 100 * np.asarray(per_seed)

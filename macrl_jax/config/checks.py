@@ -28,6 +28,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
   _check_files(c)
   _check_batches(c, num_devices)
   _check_numbers(c)
+  _check_evals(c)
 
 
 def _check_model(c) -> None:
@@ -141,3 +142,19 @@ def _check_numbers(c) -> None:
   check('knn.temperature', c.knn.temperature, lambda v: v > 0, '> 0')
   for field in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     check(field, c[field], lambda v: v >= 1, '>= 1')
+
+
+EVALS = ('knn', 'reconstruction', 'masked_mse')  # evals/monitors.py
+
+
+def _check_evals(c) -> None:
+  unknown = sorted(set(c.evals) - set(EVALS))
+  if unknown:
+    raise bad_field('evals', f'unknown evaluation(s) {unknown}; known: {", ".join(EVALS)}')
+  for name, spec in c.evals.items():
+    if spec.every_steps is not None and spec.every_steps < 0:
+      raise bad_field(f'evals.{name}.every_steps',
+                      f'{spec.every_steps} must be >= 0 (0: off; None: eval_every_steps)')
+  if c.evals.masked_mse.every_steps and not schema.uses_reconstruction(c):
+    raise bad_field('evals.masked_mse.every_steps',
+                    f'method={c.method} has no pixel decoder to evaluate; leave it 0')

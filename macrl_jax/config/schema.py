@@ -18,11 +18,22 @@ from macrl_jax.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All fields with macrl defaults; dataset configs override the data and size fields."""
+  """All fields with macrl defaults, by part; dataset configs override the data and size fields."""
   c = ml_collections.ConfigDict()
   c.method = 'macrl'
   c.seed = 0
 
+  _data_fields(c)
+  _model_fields(c)
+  _method_fields(c)
+  _teacher_fields(c)
+  _optim_fields(c)
+  _program_fields(c)
+  return c
+
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+  """The dataset, its splits and the augmentations."""
   # Data.
   c.dataset = 'digits'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data dir; None = default
@@ -57,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
       label_seed=0,
   ))
 
+
+def _model_fields(c: ml_collections.ConfigDict) -> None:
+  """The ViT, its decoders and heads, and the matmul dtype."""
   # Model.
   c.model = ml_collections.ConfigDict(dict(
       variant='Ti/4',  # "<size>/<patch>", size in models.VIT_SIZES
@@ -85,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.dtype = 'float32'  # matmul dtype; parameters stay float32
 
+
+def _method_fields(c: ml_collections.ConfigDict) -> None:
+  """What the methods train: masking, loss weights, the contrastive key, the memory bank."""
   # Method fields.
   c.mask_ratio_strong = 0.75  # view 1
   c.mask_ratio_weak = 0.25  # view 2 (ours)
@@ -107,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.queue_size = 0  # memory bank of past keys; 0 = batch negatives only (ours)
   c.momentum_base = 0.99
 
+
+def _teacher_fields(c: ml_collections.ConfigDict) -> None:
+  """MimCo's frozen teacher and the student's losses."""
   # MimCo: the frozen contrastive teacher and the student's two losses.
   c.teacher = ml_collections.ConfigDict(dict(
       workdir=ml_collections.FieldReference(None, field_type=str),  # a mocov3 or macrl workdir
@@ -124,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       patch_negatives='image',  # 'image' | 'batch'
   ))
 
+
+def _optim_fields(c: ml_collections.ConfigDict) -> None:
+  """The batch, length and optimizer; parameter sharding; initialisation from a file."""
   # Optimisation.
   c.batch_size = 256  # global
   c.total_steps = 1000
@@ -150,15 +173,28 @@ def base_config() -> ml_collections.ConfigDict:
   # this is set; the encoder then uses the sin-cos table of its own grid.
   c.init_interpolate_pos = False
 
+
+def _program_fields(c: ml_collections.ConfigDict) -> None:
+  """Logging, evaluation and checkpoint cadence; the in-training evaluations; the fine-tuning metric."""
   # Program: logging, evaluation and checkpoint cadence.
   c.log_every_steps = 50
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.knn = ml_collections.ConfigDict(dict(k=20, temperature=0.07, eval_batch_size=256))
+  # In-training evaluations (evals/monitors.py), each every `every_steps` (None: eval_every_steps;
+  # 0: off) and at the last step: --config.evals.masked_mse.every_steps=500 turns one on.
+  c.evals = ml_collections.ConfigDict(dict(
+      knn=dict(every_steps=_optional_int()),
+      reconstruction=dict(every_steps=_optional_int(), num_images=8),
+      masked_mse=dict(every_steps=_optional_int(0), num_images=256)))
   # The fine-tuning metric of tools/ablate.py --finetune: one recipe for every method and seed.
   c.finetune = finetune_recipe()
-  return c
+
+
+def _optional_int(value: int | None = None):
+  """An int field that may also be None (a plain None field would take any type)."""
+  return ml_collections.FieldReference(value, field_type=int)
 
 
 def finetune_recipe() -> ml_collections.ConfigDict:

@@ -1,6 +1,8 @@
-"""Reconstruction pictures: original | masked input | reconstruction | reconstruction + visible.
+"""Reconstruction pictures (original | masked input | reconstruction | reconstruction + visible)
+and the reconstruction error on masked patches.
 
-Used by the train loop (TensorBoard images at every eval) and tools/visualize.py (PNG files).
+Used by the in-training evaluations (monitors.py: TensorBoard images, held-out error) and
+tools/visualize.py (PNG files).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from macrl_jax.methods import networks
 from macrl_jax.models import vit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 5))
-def _panels(modules, params, images, mask_ratio, rng, norm_pix):
-  p = modules.encoder.patch_size
-  patches = vit.patchify(images, p)
+def _predict(modules, params, images, mask_ratio, rng, norm_pix):
+  """(patches, mask, the decoder's prediction in the patches' pixel space)."""
+  patches = vit.patchify(images, modules.encoder.patch_size)
   mask = vit.random_masking(rng, images.shape[0], patches.shape[1], mask_ratio)
   tokens = modules.encoder.apply({'params': params['encoder']}, images, mask.ids_keep)
   pred = modules.decoder.apply({'params': params['decoder']}, tokens, mask.ids_restore)
@@ -26,6 +27,13 @@ def _panels(modules, params, images, mask_ratio, rng, norm_pix):
     mean = patches.mean(-1, keepdims=True)
     std = jnp.sqrt(patches.var(-1, keepdims=True) + 1e-6)
     pred = pred * std + mean
+  return patches, mask, pred
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _panels(modules, params, images, mask_ratio, rng, norm_pix):
+  p = modules.encoder.patch_size
+  patches, mask, pred = _predict(modules, params, images, mask_ratio, rng, norm_pix)
   m = mask.mask[..., None]
   return dict(
       original=images,
@@ -33,6 +41,13 @@ def _panels(modules, params, images, mask_ratio, rng, norm_pix):
       reconstruction=vit.unpatchify(pred, p),
       reconstruction_visible=vit.unpatchify(pred * m + patches * (1 - m), p),
   )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _masked_mse(modules, params, images, mask_ratio, rng, norm_pix):
+  patches, mask, pred = _predict(modules, params, images, mask_ratio, rng, norm_pix)
+  per_patch = ((pred - patches) ** 2).mean(-1)
+  return (per_patch * mask.mask).sum() / mask.mask.sum()
 
 
 def panels(modules: networks.Modules, params: dict, images: jax.Array, mask_ratio: float,
@@ -44,6 +59,13 @@ def panels(modules: networks.Modules, params: dict, images: jax.Array, mask_rati
   """
   out = _panels(modules, params, images, float(mask_ratio), rng, bool(norm_pix))
   return {k: np.asarray(v) for k, v in out.items()}
+
+
+def masked_mse(modules: networks.Modules, params: dict, images: jax.Array, mask_ratio: float,
+               rng: jax.Array, norm_pix: bool) -> float:
+  """The mean squared error of the reconstruction on the masked patches, in the images'
+  (normalised) pixel space: the error a user sees in the pictures, whatever the loss's target."""
+  return float(_masked_mse(modules, params, images, float(mask_ratio), rng, bool(norm_pix)))
 
 
 def grid(panel_dict: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ def head_to_moco(params: dict, stats: dict, num_layers: int) -> dict[str, np.nda
 # ------------------------------------------------------------------------------------ decoder
 def decoder_from_mae(sd: dict, config, in_perm: np.ndarray, out_dim: int,
                      where: str = 'decoder') -> dict:
-  """MAE's decoder keys → flax params of vit.Decoder (unscanned)."""
+  """MAE's decoder keys → flax params of decoders.Decoder (unscanned)."""
   m = config.model
   dd, de = m.decoder_width, vit.vit_dims(m)['width']
   depth = depth_of(sd, 'decoder_blocks.')
@@ -95,7 +95,7 @@ def decoder_from_mae(sd: dict, config, in_perm: np.ndarray, out_dim: int,
 
 
 def decoder_to_mae(params: dict, num_patches: int) -> dict[str, np.ndarray]:
-  """Flax vit.Decoder params → MAE's decoder keys (numpy)."""
+  """Flax decoders.Decoder params → MAE's decoder keys (numpy)."""
   t = params['transformer']
   dd = np.asarray(params['embed']['kernel']).shape[1]
   sd = {'decoder_embed.weight': np.asarray(params['embed']['kernel']).T,

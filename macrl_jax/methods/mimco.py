@@ -21,7 +21,8 @@ import optax
 
 from macrl_jax.config import methods, schema
 from macrl_jax.methods import losses, networks, optim, train_step
-from macrl_jax.models import heads, vit
+from macrl_jax.methods.train_step import dropout_rng
+from macrl_jax.models import decoders, heads, vit
 
 # ----------------------------------------------------------------------------------- the teacher
 # The parts of a contrastive train state that the teacher keeps, by collection.
@@ -54,7 +55,7 @@ def make_modules(config) -> networks.Modules:
   m = config.model
   num_patches = (config.image_size // student.encoder.patch_size) ** 2
   dtype = jnp.dtype(config.dtype)
-  decoder = vit.Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
+  decoder = decoders.Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
                            teacher.encoder.width, dtype)
   head = heads.MLPHead(m.proj_hidden, teacher.projector.out, 3, dtype)
   return networks.Modules(student.encoder, decoder, head, None)
@@ -115,7 +116,7 @@ def make_train_step(config, modules: networks.Modules, tx: optax.GradientTransfo
                                  config.mask_ratio_strong)
     targets = teacher_targets(state['teacher'], x)
     grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state['params'], state['batch_stats'], x, mask, targets, jax.random.fold_in(rng, 100))
+        state['params'], state['batch_stats'], x, mask, targets, dropout_rng(rng, 0))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = dict(state, step=step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)

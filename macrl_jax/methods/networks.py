@@ -9,16 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from macrl_jax.config import schema
-from macrl_jax.models import heads, vit
+from macrl_jax.models import decoders, heads, vit
 
 
 class Modules(NamedTuple):
   """The modules of a method; None where the method has no such part."""
   encoder: vit.Encoder
-  decoder: vit.Decoder | None
+  decoder: decoders.Decoder | None
   projector: heads.MLPHead | None
   predictor: heads.MLPHead | None
-  feature_decoder: vit.FeatureDecoder | None = None  # macrl with model.feature_decoder_depth > 0
+  feature_decoder: decoders.FeatureDecoder | None = None  # macrl with model.feature_decoder_depth > 0
 
 
 def make_modules(config) -> Modules:
@@ -30,14 +30,14 @@ def make_modules(config) -> Modules:
   num_patches = (config.image_size // dims['patch_size']) ** 2
   decoder = projector = predictor = None
   if schema.uses_reconstruction(config):
-    decoder = vit.Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
+    decoder = decoders.Decoder(num_patches, m.decoder_width, m.decoder_depth, m.decoder_heads,
                           dims['patch_size'] ** 2 * 3, dtype, m.scan)
   if schema.uses_contrastive(config):
     projector = heads.MLPHead(m.proj_hidden, m.proj_dim, 3, dtype)
     predictor = heads.MLPHead(m.pred_hidden, m.proj_dim, 2, dtype)
   feature_decoder = None
   if schema.uses_feature_decoder(config):
-    feature_decoder = vit.FeatureDecoder(num_patches, m.feature_decoder_depth,
+    feature_decoder = decoders.FeatureDecoder(num_patches, m.feature_decoder_depth,
                                          dims['num_heads'], dims['mlp_dim'], dtype)
   return Modules(encoder, decoder, projector, predictor, feature_decoder)
 

@@ -1,5 +1,4 @@
-"""The ViT: patches, masking, transformer blocks, the encoder on visible patches, the light MAE
-decoder and the feature decoder.
+"""The ViT: patches, masking, transformer blocks and the encoder on visible patches.
 
 Everything here is flax.linen and pure: masks are arguments, not hidden state, and modules take
 plain values, not configs. Shapes: B batch, N patches per image, K visible patches, D width,
@@ -122,7 +121,8 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
-def _dense(features, dtype, name=None, use_bias=True):
+def dense(features, dtype, name=None, use_bias=True):
+  """nn.Dense with the xavier-uniform kernel that MAE and timm give a ViT's linear layers."""
   return nn.Dense(features, dtype=dtype, use_bias=use_bias, name=name,
                   kernel_init=nn.initializers.xavier_uniform())
 
@@ -185,8 +185,8 @@ class Block(nn.Module):
     y = Attention(self.num_heads, self.dtype, name='attn')(nn.LayerNorm(dtype=self.dtype)(x))
     x = x + self.drop(y, rate, train)
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = _dense(self.mlp_dim, self.dtype, 'mlp_in')(y)
-    y = _dense(x.shape[-1], self.dtype, 'mlp_out')(gelu(y))
+    y = dense(self.mlp_dim, self.dtype, 'mlp_in')(y)
+    y = dense(x.shape[-1], self.dtype, 'mlp_out')(gelu(y))
     return x + self.drop(y, rate, train)
 
   def drop(self, y, rate, train: bool):
@@ -272,7 +272,7 @@ class Encoder(nn.Module):
       patches = jnp.take_along_axis(patches, ids_keep[..., None], axis=1)
       pos = jnp.take_along_axis(jnp.broadcast_to(pos, (ids_keep.shape[0],) + pos.shape[1:]),
                                 ids_keep[..., None], axis=1)
-    x = _dense(self.width, self.dtype, 'embedding')(patches) + pos
+    x = dense(self.width, self.dtype, 'embedding')(patches) + pos
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype), x], 1)
     x = Transformer(self.depth, self.num_heads, self.mlp_dim, self.drop_path, self.dtype,
                     self.remat, self.scan, self.final_norm, name='transformer')(x, train)
@@ -282,55 +282,3 @@ class Encoder(nn.Module):
 def pool(tokens: jax.Array, kind: str) -> jax.Array:
   """The image feature: the cls token or the mean of the patch tokens."""
   return tokens[:, 0] if kind == 'cls' else tokens[:, 1:].mean(axis=1)
-
-
-class Decoder(nn.Module):
-  """MAE decoder: encoder tokens + mask tokens, unshuffled, → one prediction per patch [B, N, out]."""
-  num_patches: int
-  width: int
-  depth: int
-  num_heads: int
-  out_dim: int
-  dtype: Dtype = jnp.float32
-  scan: bool = False
-
-  @nn.compact
-  def __call__(self, tokens, ids_restore=None):
-    x = _dense(self.width, self.dtype, 'embed')(tokens)
-    cls, vis = x[:, :1], x[:, 1:]
-    if ids_restore is not None:
-      mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, self.width))
-      n_masked = self.num_patches - vis.shape[1]
-      fill = jnp.broadcast_to(mask_token, (x.shape[0], n_masked, self.width)).astype(x.dtype)
-      vis = jnp.take_along_axis(jnp.concatenate([vis, fill], 1), ids_restore[..., None], axis=1)
-    grid = int(round(np.sqrt(self.num_patches)))
-    x = jnp.concatenate([cls, vis + sincos_2d(self.width, grid)[None]], 1)
-    x = Transformer(self.depth, self.num_heads, 4 * self.width, 0.0, self.dtype,
-                    scan=self.scan, name='transformer')(x)
-    return _dense(self.out_dim, self.dtype, 'pred')(x[:, 1:]).astype(jnp.float32)
-
-
-class FeatureDecoder(nn.Module):
-  """CMAE's feature decoder: completes a masked view's encoder tokens [B, 1 + K, D] to all N
-  positions (a learned mask token at each masked one, unshuffled, plus the position embeddings)
-  through `depth` blocks at the encoder's width → [B, 1 + N, D], pooled for the contrastive query.
-  """
-  num_patches: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens, ids_restore):
-    width = tokens.shape[-1]
-    cls, vis = tokens[:, :1], tokens[:, 1:]
-    mask_token = self.param('mask_token', nn.initializers.normal(0.02), (1, 1, width))
-    fill = jnp.broadcast_to(mask_token, (tokens.shape[0], self.num_patches - vis.shape[1], width))
-    x = jnp.take_along_axis(jnp.concatenate([vis, fill.astype(vis.dtype)], 1),
-                            ids_restore[..., None], axis=1)
-    grid = int(round(np.sqrt(self.num_patches)))
-    x = jnp.concatenate([cls, x + sincos_2d(width, grid)[None]], 1)
-    x = Transformer(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
-                    name='transformer')(x)
-    return x.astype(jnp.float32)

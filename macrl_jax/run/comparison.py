@@ -169,3 +169,23 @@ def render(results) -> str:
         f'{k} {v:.3f}' for k, v in results['step_seconds'].items())]
   lines += ['', f'Command: `{results["command"]}`']
   return '\n'.join(lines) + '\n'
+
+
+# ------------------------------------------------------------------- the kNN monitor over time
+def time_rows(results: dict) -> dict:
+  """The rows at equal time: each '(equal time)' row, and the reference's own (epochs) row."""
+  rows = results['rows']
+  return {name: row for name, row in rows.items()
+          if row.get('budget') == 'time' or name == results.get('reference')}
+
+
+def curve_minutes(results: dict, row: dict) -> tuple[list[float], list[list[float]]]:
+  """(minutes, [per-seed top-1 at those points]) of a row's kNN monitor."""
+  t = results['step_seconds']
+  offset = 0.0
+  if row.get('teacher_steps'):  # mimco at equal time: after its own teacher
+    offset = row['teacher_steps'] * t[row['teacher']]
+  curves = [c for c in row.get('knn_curve_per_seed', []) if c]
+  steps = [s for s, _ in curves[0]] if curves else []
+  per_seed = [[top1 for _, top1 in c] for c in curves if [s for s, _ in c] == steps]
+  return [(offset + s * t[row['trial']]) / 60 for s in steps], per_seed

@@ -18,10 +18,10 @@ import jax
 from clu import periodic_actions
 
 from macrl_jax import sharding
-from macrl_jax.config import checks, schema
+from macrl_jax.config import checks
 from macrl_jax.data import prefetch
 from macrl_jax.errors import UserError
-from macrl_jax.evals import features, knn, reconstruction
+from macrl_jax.evals import monitors
 from macrl_jax.methods import build
 from macrl_jax.models import vit
 from macrl_jax.run import checkpoint, loop, teacher, workdirs, writers
@@ -68,18 +68,9 @@ def _train(config, workdir: str, mesh, is_main: bool, console: bool) -> dict[str
 
   # ---------------------------------------------------------------- checkpoint
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  restored = checkpoint.restore_latest(mngr, built.abstract_state, move_aside=True)
-  if restored is None:
-    state, start_step = built.init_state(), 0  # (config.init's PyTorch weights applied)
-    if config.method == 'mimco':  # the placeholder of init_state becomes the restored teacher
-      state['teacher'] = jax.device_put(teacher.load(config, mesh), built.shardings['teacher'])
-    logging.info('Starting from scratch in %s', workdir)
-  else:
-    state, meta = restored
-    start_step = int(meta['step'])
-    logging.info('Resumed from step %d of %s', start_step, workdir)
+  state, start_step, resumed = _restore_or_start(config, mesh, built, mngr, workdir)
   if is_main:  # every check has passed: config.json says what this run does
-    workdirs.write_config(config, workdir, fresh=restored is None)
+    workdirs.write_config(config, workdir, fresh=not resumed)
     if console:
       print(_header(config, mesh, workdir, start_step), flush=True)
 
@@ -95,23 +86,26 @@ def _train(config, workdir: str, mesh, is_main: bool, console: bool) -> dict[str
       num_train_steps=config.total_steps, writer=default_writer, every_steps=config.log_every_steps)
 
   # ---------------------------------------------------------------- evals
-  def evaluate(step, state) -> dict:
-    result = {'knn_top1': _knn_top1(config, mesh, built.modules.encoder,
-                                    state['params']['encoder'])}
-    images = _reconstruction_images(config, built.modules, state, input_pipeline)
+  # config.evals: the kNN monitor, reconstruction pictures, held-out reconstruction error, each
+  # at its own period (evals/monitors.py); the loop asks at the periods' common divisor.
+  def write_images(step, images):
     if images and is_main:
       writer.write_images(step, images)
-    return result
+
+  evaluators = monitors.make(config, mesh, built.modules, write_images)
+
+  def evaluate(step, state) -> dict:
+    return monitors.run_due(evaluators, step, step == config.total_steps, state)
 
   # ---------------------------------------------------------------- loop
   batches = prefetch.prefetch_to_mesh(
       input_pipeline.create_pretrain_iterator(config, start_step=start_step), mesh)
   every = loop.Every(log=config.log_every_steps, checkpoint=config.checkpoint_every_steps,
-                     eval=config.eval_every_steps)
+                     eval=monitors.every_steps(evaluators) or config.total_steps)
   state, step, record = loop.run(
       _explaining_out_of_memory(built.step, config), state, batches, start_step=start_step,
       total_steps=config.total_steps, every=every, batch_size=config.batch_size, mngr=mngr,
-      save=save, writer=writer, hint=NAN_HINT, evaluate=evaluate,
+      save=save, writer=writer, hint=NAN_HINT, evaluate=evaluate if evaluators else None,
       on_step=lambda s: report_progress(s, time.time()))
 
   checkpoint.finish(mngr)
@@ -122,6 +116,21 @@ def _train(config, workdir: str, mesh, is_main: bool, console: bool) -> dict[str
           f'  metrics.jsonl, config.json, checkpoints/ (steps {mngr.all_steps()})\n'
           f'  TensorBoard: tensorboard --logdir {workdir}', flush=True)
   return dict(record, step=step, preempted=step < config.total_steps)
+
+
+def _restore_or_start(config, mesh, built, mngr, workdir: str) -> tuple[dict, int, bool]:
+  """(state, step, resumed): the latest readable checkpoint, or the initial state (config.init's PyTorch
+  weights applied; mimco's placeholder replaced by the restored teacher)."""
+  restored = checkpoint.restore_latest(mngr, built.abstract_state, move_aside=True)
+  if restored is not None:
+    state, meta = restored
+    logging.info('Resumed from step %d of %s', int(meta['step']), workdir)
+    return state, int(meta['step']), True
+  state = built.init_state()
+  if config.method == 'mimco':
+    state['teacher'] = jax.device_put(teacher.load(config, mesh), built.shardings['teacher'])
+  logging.info('Starting from scratch in %s', workdir)
+  return state, 0, False
 
 
 def _header(config, mesh, workdir: str, start_step: int) -> str:
@@ -135,36 +144,6 @@ def _header(config, mesh, workdir: str, start_step: int) -> str:
           f'{mesh.size} × {device.platform} ({device.device_kind}), {jax.process_count()} '
           f'process(es)\n'
           f'{workdir}: {started}; the full log and metrics.jsonl are there')
-
-
-def _knn_top1(config, mesh, encoder, params) -> float:
-  """The kNN monitor: online encoder features, the train split as memory, the whole test split."""
-  (train_f, train_y), (test_f, test_y) = (
-      features.split_features(config, mesh, encoder, params, split)
-      for split in (config.train_split, config.test_split))
-  return knn.evaluate(train_f, train_y, test_f, test_y, config.num_classes, config.knn.k,
-                      config.knn.temperature)['top1']
-
-
-def _reconstruction_images(config, modules, state, input_pipeline, num: int = 8) -> dict:
-  """Grids for TensorBoard, one per masked view, on a few test images.
-
-  Called by every process: with sharding.fsdp the parameters are spread over the processes, and
-  gathering them is a collective. Only process 0 writes the grids.
-  """
-  if not schema.uses_reconstruction(config):  # (MimCo's decoder predicts features, not pixels)
-    return {}
-  params = sharding.to_host(state['params'])
-  batch = next(iter(input_pipeline.create_eval_iterator(
-      config, config.test_split, batch_size=num, process_index=0, process_count=1)))
-  out = {}
-  for v, ratio in enumerate(schema.view_mask_ratios(config)):
-    if ratio > 0:
-      p = reconstruction.panels(modules, params, batch['image'], ratio, jax.random.PRNGKey(v),
-                                config.norm_pix_loss)
-      out[f'reconstruction/view{v + 1}'] = reconstruction.grid(
-          p, input_pipeline.MEAN, input_pipeline.STD)[None]
-  return out
 
 
 def _explaining_out_of_memory(step_fn, config):
