@@ -17,7 +17,7 @@ randomly initialised encoder (it varies with the seed), 30.6 % for raw pixels. T
 (mae), so 600 steps are about 6.5, 6 and 2 minutes, plus about a minute of compiling and probing.
 """
 
-from macrl_jax.config import schema
+from macrl_jax.config import recipes, schema
 
 # Per method, the best of its six trials on the selection split (linear probe on the held-out
 # tenth of train; results/tiny_imagenet_10/selection/results.json); the rest is the method's recipe.
@@ -37,13 +37,7 @@ def get_config(arg=None):
   c.image_size = 32
   c.batch_size = 128
   c.total_steps = 600  # 17 epochs of the 4,500 images left by the selection split
-  c.model.variant = 'mu/4'
-  c.model.decoder_width = 64
-  c.model.decoder_depth = 2
-  c.model.decoder_heads = 2
-  c.model.proj_hidden = 256
-  c.model.pred_hidden = 256
-  c.model.proj_dim = 64
+  recipes.small_cpu_vit(c)
   c.optim.base_lr = 1.5e-3
   c.optim.warmup_steps = 60
   c.log_every_steps = 50

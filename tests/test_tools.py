@@ -472,8 +472,9 @@ def test_ablate_runs_trials_over_seeds_and_budgets_then_skips_them_on_rerun(digi
   assert row['steps'] == round(0.5 * 4 * t['qm'] / t2['mimco'])
   assert row['teacher_steps'] == round(0.5 * 4 * t['qm'] / t['qm']) == 2
   student = read_json(out / 'runs' / 'mimco' / 'time' / 'seed0' / 'config.json')
-  teacher = read_json(out / 'runs' / 'mimco' / 'time' / 'seed0-teacher' / 'config.json')
-  assert student['teacher']['workdir'] == str(out / 'runs' / 'mimco' / 'time' / 'seed0-teacher')
+  teacher_dir = out / 'runs' / 'qm' / 'teacher2' / 'seed0'
+  teacher = read_json(teacher_dir / 'config.json')
+  assert student['teacher']['workdir'] == str(teacher_dir)
   assert (teacher['method'], teacher['total_steps'], student['total_steps']) == (
       'macrl', 2, row['steps'])
 

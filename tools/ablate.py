@@ -24,7 +24,12 @@ and evaluates on config.test_split. Choose on `selection`, report `final`.
 Budgets: `epochs` runs every trial for config.total_steps; `time` gives each trial the step time of
 the `--reference` trial's total_steps: its steps are total_steps × t_reference / t_trial, with the
 step times t measured here alternately (`--timing_rounds` rounds of compiled steps on a random
-batch), so that a cheaper method gets more steps (warm-up scaled alike).
+batch), so that a cheaper method gets more steps (warm-up, kNN monitor points and checkpoints
+scaled alike). Trials added to the file later are timed with the reference again and scaled to
+its first timing. At equal time a mimco trial's budget includes its teacher: `teacher_share` (0.5)
+of the reference's seconds pre-train a teacher of its own (OUT/runs/TEACHER/teacher<steps>/seedS,
+shared by mimco trials with the same teacher), the rest the student. At equal epochs its teacher is
+the teacher trial's own run.
 
 Probes of every (trial, budget, seed): weighted kNN (k, T of config.knn) and the linear probe (BN
 without affine + linear, SGD, `--probe_epochs`) on frozen features; the row keeps each seed's
@@ -144,7 +149,8 @@ def step_seconds(known: dict, trials: dict, names: list) -> dict:
 def budget_steps(results: dict, trials: dict, name: str, budget: str, base) -> tuple:
   """(steps, teacher steps): at equal epochs every trial runs total_steps (a mimco trial after its
   teacher trial's own run); at equal time each gets the reference's seconds, and a mimco trial
-  spends `teacher_share` of them (0.5 by default) on a teacher of its own and the rest on itself."""
+  spends `teacher_share` of them (0.5 by default) on a teacher of its own and the rest on itself
+  (mimco trials whose teachers are the same trial and length share that teacher's run)."""
   trial = trials[name]
   if budget == 'epochs':
     return base.total_steps, None
@@ -332,8 +338,9 @@ def main(argv):
           if trial['method'] == 'mimco':
             config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'], budget,
                                                   f'seed{seed}')
-            if teacher_steps:  # its own teacher, within its time
-              config.teacher.workdir = run_dir + '-teacher'
+            if teacher_steps:  # its own teacher, within its time (one for equal teachers)
+              config.teacher.workdir = os.path.join(FLAGS.out, 'runs', trial['teacher'],
+                                                    f'teacher{teacher_steps}', f'seed{seed}')
               seconds, stopped = pretrain(trial_config(trials[trial['teacher']], seed,
                                                        teacher_steps), config.teacher.workdir)
               if stopped:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from macrl_jax.config import methods
+from macrl_jax.config import methods, recipes
 from macrl_jax.errors import UserError
 
 # ---------------------------------------------------------------------------------------- schema
@@ -189,36 +189,12 @@ def _program_fields(c: ml_collections.ConfigDict) -> None:
       reconstruction=dict(every_steps=_optional_int(), num_images=8),
       masked_mse=dict(every_steps=_optional_int(0), num_images=256)))
   # The fine-tuning metric of tools/ablate.py --finetune: one recipe for every method and seed.
-  c.finetune = finetune_recipe()
+  c.finetune = recipes.finetune_recipe()
 
 
 def _optional_int(value: int | None = None):
   """An int field that may also be None (a plain None field would take any type)."""
   return ml_collections.FieldReference(value, field_type=int)
-
-
-def finetune_recipe() -> ml_collections.ConfigDict:
-  """Fine-tuning hyperparameters: tools/finetune.py's flag defaults (MAE's recipe at small
-  scale) and config.finetune, the recipe of the ablation's fine-tuning metric."""
-  return ml_collections.ConfigDict(dict(
-      epochs=50.0,  # over the labelled examples
-      batch_size=128,
-      base_lr=1e-3,  # scaled by batch_size / 256
-      min_lr=1e-6,
-      warmup_epochs=5.0,
-      weight_decay=0.05,
-      b1=0.9,
-      b2=0.999,
-      layer_decay=0.75,
-      drop_path=0.1,
-      label_smoothing=0.1,
-      mixup=0.0,  # Beta(α, α) of mixup; 0 = off
-      cutmix=0.0,  # Beta(α, α) of cutmix; 0 = off
-      # A stratified fraction of each class of the train split whose labels are used (1 = all),
-      # drawn with label_seed: the same examples whatever the pre-training or fine-tuning seed.
-      label_fraction=1.0,
-      label_seed=0,
-  ))
 
 
 def set_field(c: ml_collections.ConfigDict, dotted: str, value) -> None:

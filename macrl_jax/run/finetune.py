@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from macrl_jax import sharding
-from macrl_jax.config import methods, schema
+from macrl_jax.config import methods, recipes
 from macrl_jax.data import mixup, prefetch
 from macrl_jax.evals import features
 from macrl_jax.evals.accuracy import topk_accuracy
@@ -31,8 +31,8 @@ from macrl_jax.run.restore import Restored, WorkdirError
 
 
 def default_args() -> ml_collections.ConfigDict:
-  """The fine-tuning hyperparameters (the tool's flags): schema.finetune_recipe() and the run's."""
-  args = schema.finetune_recipe()
+  """The fine-tuning hyperparameters (the tool's flags): recipes.finetune_recipe() and the run's."""
+  args = recipes.finetune_recipe()
   args.update(dict(
       pool=ml_collections.FieldReference(None, field_type=str),  # None = the pre-training pool
       from_scratch=False,
