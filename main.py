@@ -60,28 +60,6 @@ def _init_distributed() -> None:
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _quiet_libraries() -> None:
-  """Keeps INFO lines of this program, but only warnings from Orbax and TFDS (they log every file),
-  and not Orbax's notice that it registers its jax.Array handler again."""
-  import logging as py_logging
-
-  def keep(record):
-    if 'type_handler_registry' in record.pathname:
-      return False
-    noisy = ('/orbax/', '/tensorflow_datasets/', '/tensorstore/')
-    return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy)
-
-  py_logging.getLogger('absl').addFilter(keep)
-  # A failed save ends in one line naming its reason, not in each writer thread's traceback.
-  for name in ('absl', 'asyncio'):
-    py_logging.getLogger(name).addFilter(_not_a_reported_save_failure)
-
-
-def _not_a_reported_save_failure(record) -> bool:
-  from macrl_jax.run import checkpoint  # imported by then: only a save logs such a record
-  return not checkpoint.is_reported_save_failure(record)
-
-
 def _import_tensorflow_quietly() -> None:
   """TensorFlow writes its C++ start-up notices (oneDNN, absl::InitializeLog) to file descriptor 2
   before any logging is set up: imported with that descriptor on /dev/null, it says nothing. The
@@ -119,10 +97,10 @@ def main(argv):
   # A bad value or a workdir that is a file ends here, in a second: before TensorFlow loads and
   # JAX starts its devices (train.py checks again, with the number of devices).
   from macrl_jax.config import checks
-  from macrl_jax.run import workdirs
+  from macrl_jax.run import logs, workdirs
   checks.validate(config)
   workdirs.refuse_a_file(workdir)
-  _quiet_libraries()
+  logs.quiet_libraries()
   workdirs.prepare(workdir)
   _log_to_file(workdir)  # each process its own file
   _import_tensorflow_quietly()

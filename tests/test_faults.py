@@ -292,14 +292,14 @@ def test_a_second_preparation_waits_for_the_first(tmp_path):
 # ----------------------------------------------------------------------------------- tools
 def test_a_tool_prints_its_result_when_the_workdir_cannot_be_written(tmp_path, monkeypatch,
                                                                     capsys, caplog):
-  from macrl_jax.run import restore
+  from macrl_jax.run import tool_io
 
   def read_only(path, result):
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-  monkeypatch.setattr(restore, 'write_result', read_only)
+  monkeypatch.setattr(tool_io, 'write_result', read_only)
   with caplog.at_level(logging.WARNING):
-    restore.report(str(tmp_path / 'eval' / 'knn.json'), {'top1': 0.5}, 'kNN: top-1 50.00 %')
+    tool_io.report(str(tmp_path / 'eval' / 'knn.json'), {'top1': 0.5}, 'kNN: top-1 50.00 %')
   assert capsys.readouterr().out == 'kNN: top-1 50.00 %\n'
   assert 'could not be written' in caplog.text and 'Permission denied' in caplog.text
 

@@ -115,3 +115,10 @@ def test_tensorflow_and_torch_stay_where_they_belong():
     if torch_like and module != 'macrl_jax.interop.torch_files':
       misplaced.append(f'{module} imports {sorted(torch_like)}')
   assert not misplaced, misplaced
+
+
+def test_only_the_tools_module_defines_flags():
+  """absl flags belong to main.py and the tools: in the package only run/tool_io.py defines them,
+  inside the function that the tools call."""
+  defining = sorted(m for m, path in modules().items() if 'flags.DEFINE_' in path.read_text())
+  assert defining == ['macrl_jax.run.tool_io'], defining

@@ -24,9 +24,9 @@ from absl import flags  # noqa: E402
 from macrl_jax.interop import mocov3_files, state_dicts, timm_vit, torch_files
 from macrl_jax.methods import optim
 from macrl_jax.models import vit
-from macrl_jax.run import restore
+from macrl_jax.run import restore, tool_io
 
-restore.define_flags()
+tool_io.define_flags()
 _OUT = flags.DEFINE_string('out', None, 'Output .safetensors (default: see above).')
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "timm's pooling (default: the config's).")
 _DECODER = flags.DEFINE_bool('decoder', False, "Also write FILE.mae.pth in MAE's naming.")
@@ -34,7 +34,7 @@ _MOCOV3 = flags.DEFINE_bool('mocov3', False, "Also write FILE.pth.tar, MoCo v3's
 
 
 def main():
-  restored = restore.load_from_flags()
+  restored = tool_io.load_from_flags()
   config = restored.config
   dims = vit.vit_dims(config.model)
   pool = _POOL.value or config.model.pool
@@ -64,7 +64,7 @@ def main():
   except timm_vit.InteropError as e:
     raise restore.WorkdirError(str(e)) from None
   result = dict(out=written, step=restored.step, params=restored.params, pool=pool, timm=kwargs)
-  restore.report(restore.result_path(restored.workdir, 'export'), result,
+  tool_io.report(tool_io.result_path(restored.workdir, 'export'), result,
                  f'Encoder ({restored.params}, step {restored.step}) → {", ".join(written)}\n'
                  'Load it in PyTorch (pip install -r requirements-interop.txt):\n'
                  'import json, safetensors.torch, timm\n'
@@ -87,4 +87,4 @@ def mocov3_checkpoint(restored: restore.Restored) -> dict:
 
 
 if __name__ == '__main__':
-  restore.run_tool(main)
+  tool_io.run_tool(main)

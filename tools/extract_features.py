@@ -17,9 +17,9 @@ from absl import flags  # noqa: E402
 
 from macrl_jax import errors  # noqa: E402
 from macrl_jax.evals import features  # noqa: E402
-from macrl_jax.run import restore  # noqa: E402
+from macrl_jax.run import tool_io  # noqa: E402
 
-restore.define_flags()
+tool_io.define_flags()
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
 _POOL = flags.DEFINE_enum('pool', None, ['cls', 'mean'], "Feature pooling (default: the config's).")
 _OUT = flags.DEFINE_string('out', None, 'Output .npz (default: see above).')
@@ -27,9 +27,9 @@ _BATCH = flags.DEFINE_integer('batch_size', None, 'Global batch (default: knn.ev
 
 
 def main():
-  restored = restore.load_from_flags()
+  restored = tool_io.load_from_flags()
   config = restored.config
-  split, pool = restore.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
+  split, pool = tool_io.split_name(config, _SPLIT.value), _POOL.value or config.model.pool
   feats, labels = features.split_features(config, restored.mesh, restored.modules.encoder,
                                          restored.encoder_params, split, pool, _BATCH.value)
   out = os.path.abspath(_OUT.value or features.cache_path(restored, split, pool))
@@ -42,10 +42,10 @@ def main():
                            'you can write to') from None
   result = dict(out=out, split=split, pool=pool, params=restored.params, step=restored.step,
                 num_examples=int(len(labels)), dim=int(feats.shape[1]))
-  restore.report(restore.result_path(restored.workdir, 'extract_features'), result,
+  tool_io.report(tool_io.result_path(restored.workdir, 'extract_features'), result,
                  f'{len(labels)} features of dimension {feats.shape[1]} ({split}, {pool} pool, '
                  f'{restored.params} encoder, step {restored.step}) → {out}')
 
 
 if __name__ == '__main__':
-  restore.run_tool(main)
+  tool_io.run_tool(main)

@@ -18,10 +18,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # noqa: E402
 
-from macrl_jax.run import finetune, restore  # noqa: E402
+from macrl_jax.run import finetune, tool_io  # noqa: E402
 
 FLAGS = flags.FLAGS
-restore.define_flags()
+tool_io.define_flags()
 D = finetune.default_args()
 flags.DEFINE_float('epochs', D.epochs, 'Epochs over the train split.')
 flags.DEFINE_integer('batch_size', D.batch_size, 'Global batch (a multiple of the device count).')
@@ -56,7 +56,7 @@ def main():
     args[name] = FLAGS[name].value
   if args.from_scratch and not FLAGS['layer_decay'].present:
     args.layer_decay = 1.0  # random layers have no pre-trained features to protect
-  restored = restore.load_from_flags()
+  restored = tool_io.load_from_flags()
   name = _NAME.value or ('finetune_scratch' if args.from_scratch else 'finetune')
   result = finetune.finetune(restored, args, name)
   result.update(args=args.to_dict(), params=restored.params, name=name)
@@ -64,10 +64,10 @@ def main():
     print(f'Stopped at step {result["step"]}/{result["total_steps"]}; rerun the command to resume.')
     return
   init = 'random init' if args.from_scratch else f'pre-training step {restored.step}'
-  restore.report(restore.result_path(restored.workdir, name), result,
+  tool_io.report(tool_io.result_path(restored.workdir, name), result,
                  f'Fine-tuned ({init}, {result["total_steps"]} steps): test top-1 '
                  f'{100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} %')
 
 
 if __name__ == '__main__':
-  restore.run_tool(main)
+  tool_io.run_tool(main)

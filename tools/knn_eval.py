@@ -17,11 +17,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import flags  # noqa: E402
 
 from macrl_jax.evals import features, knn  # noqa: E402
-from macrl_jax.run import restore  # noqa: E402
+from macrl_jax.run import tool_io  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-restore.define_flags()
+tool_io.define_flags()
 _K = flags.DEFINE_integer('k', 20, 'Neighbours.')
 _T = flags.DEFINE_float('temperature', 0.07, 'Temperature of the vote weights exp(sim / T).')
 _UNIFORM = flags.DEFINE_bool('uniform', False, 'Unweighted (majority) vote.')
@@ -42,29 +42,29 @@ def main():
     train_f, train_y = features.load(_TRAIN_NPZ.value)
     test_f, test_y = features.load(_TEST_NPZ.value)
     num_classes = _NUM_CLASSES.value or int(max(train_y.max(), test_y.max())) + 1
-    out = (restore.result_path(FLAGS.workdir, 'knn') if FLAGS.workdir else
+    out = (tool_io.result_path(FLAGS.workdir, 'knn') if FLAGS.workdir else
            os.path.join(os.path.dirname(os.path.abspath(_TEST_NPZ.value)), 'knn.json'))
     source = dict(train_features=_TRAIN_NPZ.value, test_features=_TEST_NPZ.value)
   else:
     if not FLAGS.workdir:
       raise SystemExit('error: give --workdir (or --train_features and --test_features)')
-    restored = restore.load_from_flags()
+    restored = tool_io.load_from_flags()
     config = restored.config
     pool = _POOL.value or config.model.pool
-    train_split = restore.split_name(config, _TRAIN_SPLIT.value)
-    test_split = restore.split_name(config, _TEST_SPLIT.value)
+    train_split = tool_io.split_name(config, _TRAIN_SPLIT.value)
+    test_split = tool_io.split_name(config, _TEST_SPLIT.value)
     train_f, train_y = features.restored_features(restored, train_split, pool, _BATCH.value)
     test_f, test_y = features.restored_features(restored, test_split, pool, _BATCH.value)
-    num_classes, out = config.num_classes, restore.result_path(restored.workdir, 'knn')
+    num_classes, out = config.num_classes, tool_io.result_path(restored.workdir, 'knn')
     source = dict(step=restored.step, params=restored.params, pool=pool, train_split=train_split,
                   test_split=test_split)
   result = knn.evaluate(train_f, train_y, test_f, test_y, num_classes, **args)
   result.update(args, **source, num_train=int(len(train_y)), num_test=int(len(test_y)))
-  restore.report(out, result,
+  tool_io.report(out, result,
                  f'kNN (k={_K.value}, T={_T.value}{", uniform" if _UNIFORM.value else ""}): '
                  f'top-1 {100 * result["top1"]:.2f} %, top-5 {100 * result["top5"]:.2f} % '
                  f'({len(test_y)} test, {len(train_y)} train examples)')
 
 
 if __name__ == '__main__':
-  restore.run_tool(main, required=())
+  tool_io.run_tool(main, required=())

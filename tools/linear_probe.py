@@ -17,9 +17,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import flags  # noqa: E402
 
 from macrl_jax.evals import features, probe  # noqa: E402
-from macrl_jax.run import restore  # noqa: E402
+from macrl_jax.run import tool_io  # noqa: E402
 
-restore.define_flags()
+tool_io.define_flags()
 _SHOTS = flags.DEFINE_integer('shots', None, 'Labelled train examples per class (default: all).')
 _SEEDS = flags.DEFINE_integer('seeds', 5, 'Runs (few-shot draws, init and order), for mean ± std.')
 _EPOCHS = flags.DEFINE_integer('epochs', 90, 'Epochs over the (few-shot) train features.')
@@ -34,10 +34,10 @@ _TEST_SPLIT = flags.DEFINE_string('test_split', 'test', 'Evaluation split.')
 
 
 def main():
-  restored = restore.load_from_flags()
+  restored = tool_io.load_from_flags()
   config = restored.config
   pool = _POOL.value or config.model.pool
-  splits = [restore.split_name(config, s) for s in (_TRAIN_SPLIT.value, _TEST_SPLIT.value)]
+  splits = [tool_io.split_name(config, s) for s in (_TRAIN_SPLIT.value, _TEST_SPLIT.value)]
   (train_f, train_y), (test_f, test_y) = (
       features.restored_features(restored, s, pool) for s in splits)
   args = dict(shots=_SHOTS.value, seeds=_SEEDS.value, epochs=_EPOCHS.value, lr=_LR.value,
@@ -47,11 +47,11 @@ def main():
                 train_split=splits[0], test_split=splits[1], num_test=int(len(test_y)))
   name = f'linear_probe_{_SHOTS.value}shot' if _SHOTS.value else 'linear_probe'
   shots = f'{_SHOTS.value}-shot ' if _SHOTS.value else ''
-  restore.report(restore.result_path(restored.workdir, name), result,
+  tool_io.report(tool_io.result_path(restored.workdir, name), result,
                  f'Linear probe ({shots}{_SEEDS.value} seeds, step {restored.step}): '
                  f'top-1 {100 * result["top1"]:.2f} ± {100 * result["top1_std"]:.2f} %, '
                  f'top-5 {100 * result["top5"]:.2f} ± {100 * result["top5_std"]:.2f} %')
 
 
 if __name__ == '__main__':
-  restore.run_tool(main)
+  tool_io.run_tool(main)

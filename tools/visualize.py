@@ -22,9 +22,9 @@ from PIL import Image  # noqa: E402
 
 from macrl_jax.config import schema  # noqa: E402
 from macrl_jax.evals import reconstruction  # noqa: E402
-from macrl_jax.run import restore  # noqa: E402
+from macrl_jax.run import restore, tool_io  # noqa: E402
 
-restore.define_flags(params=False)
+tool_io.define_flags(params=False)
 _NUM = flags.DEFINE_integer('num', 8, 'Test images (rows).')
 _MASK_RATIO = flags.DEFINE_float('mask_ratio', None, "Mask ratio (default: each masked view's).")
 _SPLIT = flags.DEFINE_string('split', 'test', "'train', 'test' (the config's) or a TFDS split.")
@@ -40,10 +40,10 @@ def panel_mse(picture: np.ndarray, num_panels: int = 4) -> list[float]:
 
 def main():
   from macrl_jax.data import input_pipeline
-  restored = restore.load_from_flags()
+  restored = tool_io.load_from_flags()
   config = restored.config
   restore.require_pixel_decoder(restored)
-  split = restore.split_name(config, _SPLIT.value)
+  split = tool_io.split_name(config, _SPLIT.value)
   batch = next(iter(input_pipeline.create_eval_iterator(
       config, split, batch_size=_NUM.value, process_index=0, process_count=1)))
   images = batch['image'][batch['mask']]
@@ -72,8 +72,8 @@ def main():
   lines = [f'{k} (mask {v["mask_ratio"]:g}): {v["png"]}  MSE vs original: masked '
            f'{v["mse_masked"]:.4f}, reconstruction {v["mse_reconstruction"]:.4f}, with visible '
            f'{v["mse_reconstruction_visible"]:.4f}' for k, v in result['branches'].items()]
-  restore.report(restore.result_path(restored.workdir, 'visualize'), result, '\n'.join(lines))
+  tool_io.report(tool_io.result_path(restored.workdir, 'visualize'), result, '\n'.join(lines))
 
 
 if __name__ == '__main__':
-  restore.run_tool(main)
+  tool_io.run_tool(main)

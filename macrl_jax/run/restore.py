@@ -1,11 +1,8 @@
-"""A pre-training workdir as the tools read it: its config, a restored checkpoint, the flags that
-name them, and the `eval/` folder where every tool writes its result.
+"""A pre-training workdir as the tools and MimCo's teacher read it: its config and a restored
+checkpoint (tool_io.py holds the tools' flags that name them and where results go).
 
-  restored = workdir.load_workdir('workdirs/digits_macrl')            # latest step, online encoder
-  restored = workdir.load_workdir(DIR, step=250, params='momentum')   # the EMA encoder of step 250
-
-  python tools/NAME.py --workdir=DIR [--step=N] [--params=online|momentum] [--data_dir=TFDS_DIR]
-  python tools/NAME.py --workdir=DIR --init=vit-s-300ep.pth.tar   # a PyTorch file instead
+  restored = restore.load_workdir('workdirs/digits_macrl')            # latest step, online encoder
+  restored = restore.load_workdir(DIR, step=250, params='momentum')   # the EMA encoder of step 250
 
 A checkpoint is restored into the state that build.build makes from the workdir's config.json, so a
 tool reads exactly what the train program wrote. Only `params['encoder']` (and `params['decoder']`
@@ -17,14 +14,11 @@ read. A workdir they cannot use raises WorkdirError, which a tool's command line
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import os
-import sys
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-from absl import app, flags
 
 from macrl_jax import errors, sharding
 from macrl_jax.config import schema
@@ -32,7 +26,6 @@ from macrl_jax.methods import build, networks
 from macrl_jax.run import checkpoint
 
 PARAMS = ('online', 'momentum')
-FLAGS = flags.FLAGS
 
 
 class WorkdirError(errors.UserError):
@@ -204,84 +197,3 @@ def require_pixel_decoder(restored: Restored) -> None:
   if restored.decoder_params is None or not schema.uses_reconstruction(restored.config):
     raise WorkdirError(f'method={restored.config.method} has no pixel decoder to draw '
                        f'reconstructions with (macrl and mae have one)')
-
-
-# ----------------------------------------------------------------------------------- results
-def result_path(path: str, name: str) -> str:
-  """DIR/eval/<name>.json: where a tool writes its result."""
-  return os.path.join(os.path.abspath(path), 'eval', f'{name}.json')
-
-
-def write_result(path: str, result: dict) -> str:
-  """Writes `result` as JSON (process 0 only), whole or not at all; returns the path."""
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  return path
-
-
-def report(path: str, result: dict, summary: str) -> str:
-  """Prints the summary, then writes `result`, with the command line, as JSON to `path`; a workdir
-  that cannot be written (read-only, full disk) only costs the file, with a warning."""
-  result = dict(result, command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
-  print(summary, flush=True)
-  try:
-    write_result(path, result)
-  except OSError as e:
-    py_logging.warning('The result is printed above but could not be written to %s (%s).', path,
-                       e.strerror)
-    return path
-  print(f'Written to {path}', flush=True)
-  return path
-
-
-# ----------------------------------------------------------------------------------- tool flags
-def define_flags(params: bool = True) -> None:
-  """--workdir, --step, --data_dir, --init and (with `params`) --params."""
-  flags.DEFINE_string('workdir', None, 'Pre-training workdir (holds config.json and checkpoints/).')
-  flags.DEFINE_integer('step', None, 'Checkpoint step to restore (default: the latest).')
-  flags.DEFINE_string('data_dir', None, "TFDS data dir, replacing the workdir config's data_dir.")
-  if params:
-    flags.DEFINE_enum('params', 'online', list(PARAMS),
-                      'Which encoder: the online one, or the momentum (EMA) one of macrl/mocov3.')
-  flags.DEFINE_string('init', None, 'A PyTorch file (MoCo v3 .pth.tar, MAE .pth, timm ViT, '
-                      '.safetensors) to evaluate instead of the workdir\'s checkpoints; the workdir '
-                      'still gives the config (config.json) and receives the results.')
-
-
-def load_from_flags(**kw) -> Restored:
-  """The checkpoint (or --init file) the flags of `define_flags` name."""
-  params = FLAGS.params if 'params' in FLAGS else 'online'
-  if FLAGS.init:
-    return load_init_file(FLAGS.workdir, FLAGS.init, params, FLAGS.data_dir, **kw)
-  return load_workdir(FLAGS.workdir, FLAGS.step, params, FLAGS.data_dir, **kw)
-
-
-def split_name(config, split: str) -> str:
-  """'train' and 'test' name the config's splits (tiny_imagenet tests on 'validation')."""
-  return {'train': config.train_split, 'test': config.test_split}.get(split, split)
-
-
-def _quiet_libraries() -> None:
-  """Warnings only from Orbax and TFDS, which log every file they touch at INFO."""
-  noisy = ('/orbax/', '/tensorflow_datasets/', '/tensorstore/')
-  py_logging.getLogger('absl').addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or not any(n in r.pathname for n in noisy))
-
-
-def run_tool(main, required=('workdir',)) -> None:
-  """absl's app.run(main) with user errors (WorkdirError among them) printed as one line."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  for name in required:
-    flags.mark_flag_as_required(name)
-
-  def wrapped(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    _quiet_libraries()
-    main()
-
-  errors.run(wrapped)
