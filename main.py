@@ -6,7 +6,6 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
-import importlib
 import os
 import sys
 
@@ -60,22 +59,6 @@ def _init_distributed() -> None:
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _import_tensorflow_quietly() -> None:
-  """TensorFlow writes its C++ start-up notices (oneDNN, absl::InitializeLog) to file descriptor 2
-  before any logging is set up: imported with that descriptor on /dev/null, it says nothing. The
-  datasets' preparation then logs its progress instead of drawing progress bars."""
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, 'w') as null:
-      os.dup2(null.fileno(), 2)
-      importlib.import_module("tensorflow")  # its notices, here
-      import tensorflow_datasets as tfds
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-  tfds.disable_progress_bar()
-
-
 def _log_to_file(workdir: str) -> None:
   """The full log (INFO and up) to WORKDIR/main.INFO; on the terminal only warnings and errors
   (--logtostderr keeps everything on the terminal)."""
@@ -97,13 +80,14 @@ def main(argv):
   # A bad value or a workdir that is a file ends here, in a second: before TensorFlow loads and
   # JAX starts its devices (train.py checks again, with the number of devices).
   from macrl_jax.config import checks
+  from macrl_jax.data import tensorflow_import
   from macrl_jax.run import logs, workdirs
   checks.validate(config)
   workdirs.refuse_a_file(workdir)
   logs.quiet_libraries()
   workdirs.prepare(workdir)
   _log_to_file(workdir)  # each process its own file
-  _import_tensorflow_quietly()
+  tensorflow_import.quietly()
   _init_distributed()
   from macrl_jax.run import train
   train.train_and_evaluate(config, workdir, console=True)

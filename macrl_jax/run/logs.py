@@ -1,6 +1,6 @@
 """The program's log: INFO lines of this package, but only warnings from the libraries that log
-every file they touch (Orbax, TFDS, TensorStore), without Orbax's notice that it registers its
-jax.Array handler again, and without the thread tracebacks of a checkpoint save whose failure is
+every file they touch (Orbax, TFDS, TensorStore), without JAX's notes on the backends a machine
+lacks or Orbax's notice that it registers its jax.Array handler again, and without the thread tracebacks of a checkpoint save whose failure is
 reported in one line."""
 
 import logging as py_logging
@@ -21,5 +21,7 @@ def _not_a_reported_save_failure(record) -> bool:
 
 def quiet_libraries() -> None:
   py_logging.getLogger('absl').addFilter(_keep)
+  # "Unable to initialize backend 'tpu'" and the like, on every machine without one.
+  py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.WARNING)
   for name in ('absl', 'asyncio'):
     py_logging.getLogger(name).addFilter(_not_a_reported_save_failure)

@@ -15,6 +15,7 @@ import jax
 from absl import app, flags
 
 from macrl_jax import errors
+from macrl_jax.data import tensorflow_import
 from macrl_jax.run import logs, restore
 
 FLAGS = flags.FLAGS
@@ -89,6 +90,7 @@ def run_tool(main, required=('workdir',)) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logs.quiet_libraries()
+    tensorflow_import.quietly()
     main()
 
   errors.run(wrapped)
